@@ -1,0 +1,1 @@
+"""Data: acquisition, formats, the embedded procedural world, validation (spec §3)."""
