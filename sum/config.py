@@ -182,11 +182,13 @@ class TrainConfig:
 
 @dataclass
 class DemoConfig:
-    """The first look at the model: 1-click masks on a few images (``sum demo``)."""
+    """The first look at the model: 1-click masks on a few benchmark images (``sum demo``)."""
 
-    images: List[str] = field(default_factory=list)
-    max_images: int = 4
+    datasets: List[str] = field(default_factory=list)  # names in data.datasets; empty = all benchmarks
+    max_images: int = 2  # per dataset
+    max_masks: int = 6  # per image, largest first
     out_dir: str = "outputs/demo"
+    metrics: str = "metrics/demo.json"
 
 
 @dataclass
@@ -212,6 +214,9 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
+    # Schemas are registered for Hydra users (``defaults: [config_schema, ...]``); params/config.yaml
+    # does not list them so that DVC's own Hydra composition (``dvc exp run``) works without them,
+    # and `load_params`/`compose` validate against `Config` instead.
     cs.store(name="config_schema", node=Config)
     for group, node in [
         ("model", ModelConfig),

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import logging
 import os
 import shutil
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +82,18 @@ def atomic_write_text(dest: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(dest, text.encode())
 
 
+def display_uri(uri: str) -> str:
+    """``uri`` as it may appear in a message: user info and query string (a presigned URL's
+    ``X-Amz-Credential`` and signature) are replaced by ``***``."""
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.scheme or (not parts.query and "@" not in parts.netloc):
+        return uri
+    netloc = parts.netloc.rpartition("@")[2]
+    if "@" in parts.netloc:
+        netloc = "***@" + netloc
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
+
+
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/some/key`` -> (``bucket``, ``some/key``)."""
     if not uri.startswith("s3://"):
@@ -127,6 +141,24 @@ def s3_error_line(uri: str, err: Exception) -> str:
     return f"{uri}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
+def _is_404(err: Exception) -> bool:
+    from botocore.exceptions import ClientError
+
+    return isinstance(err, ClientError) and err.response.get("Error", {}).get("Code") in ("404", "NotFound")
+
+
+def _bucket_exists(client, bucket: str) -> bool:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as e:
+        return e.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound")
+    except BotoCoreError:
+        pass
+    return True
+
+
 def _copy_stream(src, dst_path: Path) -> None:
     with open(dst_path, "wb") as out:
         shutil.copyfileobj(src, out, CHUNK)
@@ -154,19 +186,25 @@ def fetch(
             from botocore.exceptions import BotoCoreError, ClientError
 
             bucket, key = split_s3_uri(uri)
+            client = s3_client(s3)
             try:
-                s3_client(s3).download_file(bucket, key, str(tmp))
+                client.download_file(bucket, key, str(tmp))
             except (ClientError, BotoCoreError) as e:
+                if _is_404(e) and not _bucket_exists(client, bucket):
+                    # download_file starts with HeadObject, whose 404 has no body to tell a missing
+                    # bucket from a missing key.
+                    raise FetchError(f"{uri}: bucket does not exist") from None
                 raise FetchError(s3_error_line(uri, e)) from None
         elif uri.startswith(("https://", "http://")):
+            shown = display_uri(uri)
             try:
                 with urllib.request.urlopen(uri, timeout=timeout) as resp:
                     _copy_stream(resp, tmp)
             except urllib.error.HTTPError as e:
-                raise FetchError(f"{uri}: HTTP {e.code} {e.reason}") from None
-            except (urllib.error.URLError, OSError) as e:
-                reason = getattr(e, "reason", e)
-                raise FetchError(f"{uri}: unreachable ({reason})") from None
+                raise FetchError(f"{shown}: HTTP {e.code} {e.reason}") from None
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                reason = str(getattr(e, "reason", e)).splitlines()[0:1] or [type(e).__name__]
+                raise FetchError(f"{shown}: unreachable ({reason[0]})") from None
         else:
             path = Path(uri[len("file://") :] if uri.startswith("file://") else uri)
             if not path.is_file():
@@ -175,7 +213,7 @@ def fetch(
         if sha256:
             got = sha256_file(tmp)
             if got.lower() != sha256.lower():
-                raise FetchError(f"{uri}: sha256 mismatch: expected {sha256}, got {got}")
+                raise FetchError(f"{display_uri(uri)}: sha256 mismatch: expected {sha256}, got {got}")
     return dest
 
 

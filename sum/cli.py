@@ -1,0 +1,121 @@
+"""``sum <stage> [hydra overrides]``: read the config, call one library function, write outputs.
+
+Without overrides a stage reads the composed ``params.yaml`` in the working directory, exactly as
+``dvc repro`` runs it. With overrides (``model=vit_b``, ``eval.demo.max_images=2``) the config is
+composed from ``params/`` the way ``dvc exp run -S`` does. ``sum params`` writes that composition
+to ``params.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from sum.config import Config, ConfigError, compose, load_params, to_yaml
+
+log = logging.getLogger("sum")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    params = Path(args.params)
+    if args.stage == "params" or args.overrides or not params.is_file():
+        return compose(args.overrides, config_dir=args.config_dir)
+    return load_params(params)
+
+
+def cmd_params(cfg: Config, args: argparse.Namespace) -> None:
+    """Write the composed config to ``params.yaml`` (what DVC stages read)."""
+    from sum.io import atomic_write_text
+
+    atomic_write_text(args.params, to_yaml(cfg))
+    log.info("wrote %s", args.params)
+
+
+def cmd_acquire(cfg: Config, args: argparse.Namespace) -> None:
+    from sum.data.acquire import acquire
+    from sum.io import S3Options
+
+    acquire(cfg.data.acquire, s3=S3Options.from_config(cfg.storage.s3))
+
+
+def cmd_world(cfg: Config, args: argparse.Namespace) -> None:
+    from sum.data.synthetic import generate_world
+
+    generate_world(cfg.data.world)
+
+
+def cmd_realbench(cfg: Config, args: argparse.Namespace) -> None:
+    from sum.data.realbench import build_real_benchmarks_from_config
+
+    build_real_benchmarks_from_config(cfg.data)
+
+
+def cmd_validate(cfg: Config, args: argparse.Namespace) -> None:
+    from sum.data.validate import validate_config
+
+    validate_config(cfg.data, out=args.out or "metrics/validate.json")
+
+
+def cmd_demo(cfg: Config, args: argparse.Namespace) -> None:
+    from sum.eval.demo import run_demo
+
+    run_demo(cfg)
+
+
+def cmd_export_sam(cfg: Config, args: argparse.Namespace) -> None:
+    from sum.io import S3Options
+    from sum.model.checkpoint import export_sam
+
+    if not args.src or not args.out:
+        raise SystemExit("sum export-sam: --src SUM_CHECKPOINT and --out SAM_STATE_DICT are required")
+    export_sam(args.src, args.out, sha256=args.sha256, s3=S3Options.from_config(cfg.storage.s3))
+    log.info("wrote %s", args.out)
+
+
+STAGES: dict[str, Callable[[Config, argparse.Namespace], None]] = {
+    "params": cmd_params,
+    "acquire": cmd_acquire,
+    "world": cmd_world,
+    "realbench": cmd_realbench,
+    "validate": cmd_validate,
+    "demo": cmd_demo,
+    "export-sam": cmd_export_sam,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sum", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=sorted(STAGES), help="what to run")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=vit_b train.lr=1e-4")
+    p.add_argument("--params", default="params.yaml", help="composed params file (default: params.yaml)")
+    p.add_argument("--config-dir", default=None, help="Hydra config dir (default: the repo's params/)")
+    p.add_argument("--src", help="export-sam: SUM checkpoint (path, s3:// or https://)")
+    p.add_argument("--sha256", help="export-sam: expected sha256 of --src")
+    p.add_argument("--out", help="export-sam: output SAM state dict; validate: report path")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = _config(args)
+        STAGES[args.stage](cfg, args)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        # one clear line, naming the file or key, is what the user needs; tracebacks with -v
+        if args.verbose:
+            raise
+        print(f"sum {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Config composition: params/ is the source, params.yaml its committed composition."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from sum.config import Config, ConfigError, compose, load_params, to_yaml
+
+from conftest import REPO
+
+
+def test_params_yaml_in_sync_with_params_dir():
+    """`dvc repro` reads params.yaml; it must equal the composition of params/ (run `sum params`)."""
+    committed = yaml.safe_load((REPO / "params.yaml").read_text())
+    composed = yaml.safe_load(to_yaml(compose([])))
+    assert committed == composed, "params.yaml is stale: run `sum params` and commit it"
+
+
+def test_every_model_config_composes():
+    for name in ["tiny", "vit_b", "vit_l", "vit_h", "mobile_sam"]:
+        cfg = compose([f"model={name}"])
+        assert cfg.model.name == name
+
+
+def test_every_method_config_composes():
+    names = [p.stem for p in (REPO / "params" / "method").glob("*.yaml")]
+    assert {"sum", "vanilla", "hq_only", "sum_no_task_prompt", "sum_no_uncertainty_sampling"} <= set(names)
+    for name in names:
+        assert compose([f"method={name}"]).method.name == name
+
+
+def test_override_types_are_checked():
+    assert compose(["train.lr=0.001"]).train.lr == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match="train.lr"):
+        compose(["train.lr=fast"])
+
+
+def test_unknown_key_in_params_file_names_file_and_key(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text(to_yaml(Config()).replace("  lr:", "  learning_rate:"))
+    with pytest.raises(ConfigError) as e:
+        load_params(p)
+    msg = str(e.value)
+    assert str(p) in msg and "learning_rate" in msg and "\n" not in msg
+
+
+def test_unknown_override_key_is_one_line():
+    with pytest.raises(ConfigError) as e:
+        compose(["+train.no_such_key=1"])
+    assert "no_such_key" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_cli_bad_key_is_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  bogus: 3\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "sum.cli", "demo", "--params", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and "bogus" in err[0] and "bad.yaml" in err[0]
+
+
+def test_cli_params_writes_the_composition(tmp_path):
+    out = tmp_path / "params.yaml"
+    r = subprocess.run(
+        [sys.executable, "-m", "sum.cli", "params", "--params", str(out), "train.iterations=7"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert load_params(out).train.iterations == 7
