@@ -161,7 +161,7 @@ def boundary_click(gt: np.ndarray, width: int = 10, border_is_edge: bool = False
     """
     gt = _as_mask(gt, "ground truth")
     if not gt.any():
-        raise ValueError(f"ground truth of shape {gt.shape} is empty: no boundary click (skip empty masks, spec §10.2)")
+        raise ValueError(f"ground truth of shape {gt.shape} is empty: no boundary click (skip it, spec §10.2)")
     if width < 1:
         raise ValueError(f"boundary width {width}: expected >= 1 pixel")
     kernel = np.ones((3, 3), np.uint8)

@@ -51,8 +51,8 @@ def demo_dataset(predictor, dataset, max_images: int, max_masks: int):
         order = np.argsort([-m.sum() for m in s.masks])[:max_masks]
         gt_khw = s.masks[order]
         clicks = [first_click(m) for m in gt_khw]
-        coords_k12 = np.array([[[x, y]] for (x, y), _ in clicks], dtype=np.float32)
-        labels_k1 = np.array([[lab] for _, lab in clicks], dtype=np.int64)
+        coords_k12 = np.array([[[c.x, c.y]] for c in clicks], dtype=np.float32)
+        labels_k1 = np.array([[c.label] for c in clicks], dtype=np.int64)
         predictor.set_image(s.image)
         masks_kchw, iou_kc, _ = predictor.predict(
             point_coords=coords_k12, point_labels=labels_k1, multimask_output=True
