@@ -33,7 +33,9 @@ def _check_masks(
 ) -> None:
     if logits.ndim != 4 or (single_output and logits.shape[1] != 1):
         expected = "(N, 1, H, W)" if single_output else "(N, M, H, W)"
-        raise ValueError(f"prediction: expected {expected}, got shape {tuple(logits.shape)} (spec D4)")
+        raise ValueError(
+            f"prediction: expected {expected}, got shape {tuple(logits.shape)} (spec D4)"
+        )
     n, _, h, w = logits.shape
     if tuple(target.shape) != (n, 1, h, w):
         raise ValueError(
