@@ -53,6 +53,16 @@ def cmd_realbench(cfg: Config, args: argparse.Namespace) -> None:
     build_real_benchmarks_from_config(cfg.data)
 
 
+def cmd_photos(cfg: Config, args: argparse.Namespace) -> None:
+    from sum.data.photos import build_photo_pool
+
+    name = cfg.data.photos.source
+    if name not in cfg.data.acquire.sources:
+        raise ValueError(f"data.photos.source={name!r}: not in data.acquire.sources {sorted(cfg.data.acquire.sources)}")
+    raw = Path(cfg.data.acquire.out_dir) / name
+    build_photo_pool(raw, cfg.data.photos.out_dir, package=cfg.data.acquire.sources[name].package)
+
+
 def cmd_validate(cfg: Config, args: argparse.Namespace) -> None:
     from sum.data.validate import validate_config
 
@@ -80,6 +90,7 @@ STAGES: dict[str, Callable[[Config, argparse.Namespace], None]] = {
     "acquire": cmd_acquire,
     "world": cmd_world,
     "realbench": cmd_realbench,
+    "photos": cmd_photos,
     "validate": cmd_validate,
     "demo": cmd_demo,
     "export-sam": cmd_export_sam,

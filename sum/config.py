@@ -144,6 +144,23 @@ class WorldConfig:
 
 
 @dataclass
+class RealBenchConfig:
+    """The real mini-benchmark (``sum.data.realbench``), converted from acquired package files."""
+
+    out_dir: str = "data/bench_real"
+    min_area: int = 0  # drop masks smaller than this many pixels (spec §13 A8); 0 drops only empty ones
+    sources: List[str] = field(default_factory=list)  # source or benchmark names; empty = all configured
+
+
+@dataclass
+class PhotosConfig:
+    """Real photos without masks added to the unlabeled pool (``sum.data.photos``)."""
+
+    source: str = "skimage_photos"  # the acquisition source holding them
+    out_dir: str = "data/photos"
+
+
+@dataclass
 class ValidateConfig:
     mode: str = "fail"  # fail (fail fast) | skip (drop bad samples and report them)
 
@@ -152,6 +169,8 @@ class ValidateConfig:
 class DataConfig:
     acquire: AcquireConfig = field(default_factory=AcquireConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
+    realbench: RealBenchConfig = field(default_factory=RealBenchConfig)
+    photos: PhotosConfig = field(default_factory=PhotosConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     datasets: Dict[str, DatasetConfig] = field(default_factory=dict)
 
