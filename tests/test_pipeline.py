@@ -1,0 +1,72 @@
+"""The DVC pipeline: stages are `sum <stage>` shells with honest params, and real `dvc repro`
+runs a stage once and then nothing."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sum.cli import STAGES
+
+from conftest import REPO
+
+DVC = Path(sys.executable).parent / "dvc"
+
+
+def _lookup(tree: dict, dotted: str):
+    node = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def test_every_stage_is_a_cli_command_with_known_params():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name, stage in dvc["stages"].items():
+        cmd = stage["cmd"].split()
+        assert cmd[0] == "sum" and cmd[1] in STAGES, f"stage {name}: cmd {stage['cmd']!r}"
+        for key in stage.get("params", []):
+            _lookup(params, key)  # KeyError names a param that params.yaml lacks
+        for dep in stage.get("deps", []):
+            if dep.startswith("sum/"):
+                assert (REPO / dep).exists(), f"stage {name}: dep {dep} does not exist"
+
+
+def _run(cmd, cwd, env):
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{cmd} failed:\n{r.stdout}\n{r.stderr}"
+    return r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not DVC.exists(), reason="dvc not installed in this environment")
+def test_dvc_repro_world_runs_once_then_nothing(tmp_path):
+    """Real dvc on a scratch copy of the pipeline with a tiny world."""
+    work = tmp_path / "repo"
+    work.mkdir()
+    shutil.copytree(REPO / "sum", work / "sum", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["world"]["sets"] = {
+        "tiny_bench": {"task": "part", "role": "benchmark", "n_images": 2, "seed": 5, "style": "default"}
+    }
+    params["data"]["world"]["image_size"] = 128
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ, PATH=f"{DVC.parent}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(work))
+    _run(["git", "init", "-q"], work, env)
+    _run([str(DVC), "init", "-q"], work, env)
+    out = _run([str(DVC), "repro", "world"], work, env)
+    assert "Running stage 'world'" in out
+    assert (work / "data" / "world" / "tiny_bench" / "annotations.json").is_file()
+    assert (work / "dvc.lock").is_file()
+    out = _run([str(DVC), "repro", "world"], work, env)
+    assert "Running stage" not in out and "didn't change" in out
+    # one parameter of the stage changes: it runs again
+    params["data"]["world"]["sets"]["tiny_bench"]["seed"] = 6
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run([str(DVC), "repro", "world"], work, env)
+    assert "Running stage 'world'" in out
