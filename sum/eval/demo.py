@@ -98,7 +98,7 @@ def run_demo(cfg: Config) -> dict:
 
     from sum.data.dataset import build_dataset
     from sum.io import S3Options
-    from sum.model.checkpoint import build_model
+    from sum.model.checkpoint import load_model
     from sum.model.predictor import SumPredictor
 
     demo = cfg.eval.demo
@@ -110,7 +110,7 @@ def run_demo(cfg: Config) -> dict:
         raise ValueError(f"eval.demo.datasets: unknown dataset(s) {unknown}; known: {sorted(cfg.data.datasets)}")
 
     torch.manual_seed(0)
-    model = build_model(cfg.model, s3=S3Options.from_config(cfg.storage.s3))
+    model = load_model(cfg.model, s3=S3Options.from_config(cfg.storage.s3))
     predictor = SumPredictor(model)
     metrics: dict = {"model": cfg.model.name, "clicks": 1, "datasets": {}}
     rows_by_dataset = {}

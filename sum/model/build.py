@@ -25,8 +25,10 @@ def _tiny_vit_class():
     import warnings
 
     with warnings.catch_warnings():
-        # mobile_sam re-registers TinyViT names that timm already has; harmless.
+        # mobile_sam re-registers TinyViT names that timm already has and imports timm's deprecated
+        # module paths; both harmless.
         warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         from mobile_sam.modeling.tiny_vit_sam import TinyViT
     return TinyViT
 

@@ -426,3 +426,29 @@ def export_sam(
         torch.save(sam_sd, tmp)
     log.info("exported %s to %s (%d tensors)", ckpt.source, out_path, len(sam_sd))
     return out_path
+
+
+def resolve_device(name: str) -> torch.device:
+    """``model.device``: ``auto`` is CUDA when available, else CPU; anything else as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"model.device={name!r}: expected auto, cpu, cuda or cuda:N") from None
+
+
+def load_model(cfg: ModelConfig, s3: Optional[S3Options] = None, cache_dir: str | os.PathLike | None = None) -> Sam:
+    """`build_model`, then move it to ``cfg.device`` and switch the encoder fast path ``cfg.fast_path``.
+
+    What stages call to get a ready-to-run model (spec §2; the fast path is `sum.model.fast`).
+    """
+    from sum.model.fast import enable_fast_path
+
+    if cfg.fast_path not in ("auto", "on", "off"):
+        raise ValueError(f"model.fast_path={cfg.fast_path!r}: expected auto, on or off")
+    device = resolve_device(cfg.device)
+    model = build_model(cfg, s3=s3, cache_dir=cache_dir).to(device)
+    plan = enable_fast_path(model, cfg.fast_path, device=device)
+    log.info("model %s on %s, fast path %s", cfg.name, device, plan)
+    return model
