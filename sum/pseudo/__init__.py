@@ -1,0 +1,5 @@
+"""Pseudo-labels: automatic mask generation over the unlabeled pool (spec §3.3-3.5)."""
+
+from sum.pseudo.amg import MaskGenerator, PointBatchDecoder
+
+__all__ = ["MaskGenerator", "PointBatchDecoder"]

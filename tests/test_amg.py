@@ -1,0 +1,165 @@
+"""`sum.pseudo.amg.MaskGenerator` against segment_anything's `SamAutomaticMaskGenerator` (spec §3.3-3.4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import model_config
+from pycocotools import mask as mask_utils
+from segment_anything import SamAutomaticMaskGenerator
+
+from sum.model.build import build_sum_model
+from sum.pseudo.amg import MaskGenerator, PointBatchDecoder
+
+FIELDS = {"segmentation", "area", "bbox", "predicted_iou", "stability_score", "point_coords", "crop_box", "low_res_logits"}
+
+
+def shapes_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A flat background with a few coloured discs and rectangles."""
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), 190, np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    for _ in range(4):
+        colour = rng.integers(0, 255, 3)
+        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(h // 10, h // 3)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = colour
+        y0, x0 = rng.integers(0, h - 20), rng.integers(0, w - 20)
+        img[y0 : y0 + rng.integers(10, h // 2), x0 : x0 + rng.integers(10, w // 2)] = rng.integers(0, 255, 3)
+    return img
+
+
+def assert_same_masks(ref: list, out: list, identical: bool) -> None:
+    """Same count; record i of both matched by IoU >= 0.95 (bit-identical RLE if ``identical``)."""
+    assert len(out) == len(ref), f"{len(out)} masks, official {len(ref)}"
+    for i, (a, b) in enumerate(zip(ref, out)):
+        iou = mask_utils.iou([b["segmentation"]], [a["segmentation"]], [0])[0][0]
+        assert iou >= 0.95, f"mask {i}: IoU {iou:.3f} with the official one"
+        assert b["point_coords"] == a["point_coords"] and b["crop_box"] == a["crop_box"], f"mask {i}"
+        assert b["predicted_iou"] == pytest.approx(a["predicted_iou"], abs=1e-4)
+        assert b["stability_score"] == pytest.approx(a["stability_score"], abs=0.01)
+        if identical:
+            for key in ("segmentation", "area", "bbox", "predicted_iou", "stability_score"):
+                assert b[key] == a[key], f"mask {i}: {key} differs"
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    model = build_sum_model(model_config("tiny"))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_image():
+    return shapes_image(96, 128, seed=1)
+
+
+def _official(model, image, **kw):
+    return SamAutomaticMaskGenerator(model, output_mode="coco_rle", **kw).generate(image)
+
+
+@pytest.mark.parametrize("decoder", ["exact", "fast"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        # no filters, no NMS: every candidate of the random model is compared
+        dict(points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0),
+        # filters at the medians of the unfiltered scores (set in the test), default NMS
+        dict(points_per_side=6, pred_iou_thresh="median", stability_score_thresh="median", box_nms_thresh=1.0),
+        # crops and small-region post-processing
+        dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, crop_n_layers=1, min_mask_region_area=40),
+        dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, crop_n_layers=1, crop_nms_thresh=1.0, points_per_batch=10),
+    ],
+)
+def test_tiny_matches_official(tiny_model, tiny_image, settings, decoder):
+    settings = dict(settings)
+    if settings["pred_iou_thresh"] == "median":
+        everything = _official(tiny_model, tiny_image, points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+        settings["pred_iou_thresh"] = float(np.median([r["predicted_iou"] for r in everything]))
+        settings["stability_score_thresh"] = float(np.median([r["stability_score"] for r in everything]))
+    ref = _official(tiny_model, tiny_image, **settings)
+    out = MaskGenerator(tiny_model, decoder=decoder, **settings).generate(tiny_image)
+    assert len(ref) >= (1 if settings.get("box_nms_thresh", 0.7) < 1 else 20)
+    assert_same_masks(ref, out, identical=decoder == "exact")
+
+
+def test_fast_decoder_matches_sam_decoder_with_task_prompt(tiny_model):
+    model = build_sum_model(model_config("tiny"))
+    model.load_state_dict(tiny_model.state_dict())
+    with torch.no_grad():
+        model.prompt_encoder.task_prompt_embedding[2].weight.normal_()
+    emb = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(3))
+    points = torch.rand(20, 2, dtype=torch.float64) * 128
+    iou_e, keep_e, logits_e = PointBatchDecoder(model, emb, task_prompt=2, exact=True)(points, 0.0)
+    iou_f, keep_f, logits_f = PointBatchDecoder(model, emb, task_prompt=2)(points, 0.0)
+    iou_0, _, _ = PointBatchDecoder(model, emb, task_prompt=0)(points, 0.0)
+    torch.testing.assert_close(iou_f, iou_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits_f, logits_e, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(iou_0, iou_e)
+    # the IoU filter runs before the upscaling and keeps outputs in row-major order
+    thresh = float(iou_e.quantile(0.7))
+    assert thresh > 0  # a threshold <= 0 disables the filter, as in SAM's AMG
+    iou_k, keep_k, logits_k = PointBatchDecoder(model, emb, task_prompt=2)(points, thresh)
+    assert torch.equal(keep_k, iou_e > thresh)
+    torch.testing.assert_close(logits_k, logits_e.view(20, 3, 32, 32)[iou_e > thresh], rtol=1e-4, atol=1e-4)
+
+
+def test_cached_embedding_equals_image(tiny_model, tiny_image):
+    gen = MaskGenerator(tiny_model, points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    from_image = gen.generate(tiny_image)
+    emb, input_size = gen.embed(tiny_image)
+    from_cache = gen.generate_from_embedding(emb, tiny_image.shape[:2], input_size)
+    assert len(from_cache) == len(from_image) > 0
+    for a, b in zip(from_image, from_cache):
+        assert a["segmentation"] == b["segmentation"] and np.array_equal(a["low_res_logits"], b["low_res_logits"])
+    crops = MaskGenerator(tiny_model, points_per_side=4, crop_n_layers=1, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    with pytest.raises(ValueError, match="crop_n_layers=1"):
+        crops.generate_from_embedding(emb, tiny_image.shape[:2])
+    with_cache = crops.generate(tiny_image, embedding=emb)
+    assert [r["segmentation"] for r in with_cache] == [r["segmentation"] for r in crops.generate(tiny_image)]
+    with pytest.raises(ValueError, match="input_size"):
+        gen.generate_from_embedding(emb, tiny_image.shape[:2], (10, 10))
+
+
+@pytest.fixture(scope="module")
+def mobile_sam_run(mobile_sam_checkpoint):
+    """Official and fast generators on MobileSAM, one 256x320 image, points_per_side=8."""
+    model = build_sum_model(model_config("mobile_sam"))
+    model.load_state_dict(torch.load(mobile_sam_checkpoint, map_location="cpu", weights_only=True), strict=False)
+    model.eval()
+    image = shapes_image(256, 320, seed=0)
+    ref = _official(model, image, points_per_side=8)
+    gen = MaskGenerator(model, points_per_side=8)
+    emb, input_size = gen.embed(image)
+    out = gen.generate_from_embedding(emb, image.shape[:2], input_size)
+    return model, image, input_size, ref, out
+
+
+def test_mobile_sam_matches_official(mobile_sam_run):
+    _, _, _, ref, out = mobile_sam_run
+    assert len(ref) >= 3
+    assert_same_masks(ref, out, identical=False)
+    identical = sum(a["segmentation"] == b["segmentation"] for a, b in zip(ref, out))
+    assert identical >= len(ref) - 1  # at most a pixel within float rounding of 0 may differ
+
+
+def test_records_fields_and_logits(mobile_sam_run):
+    model, image, input_size, _, out = mobile_sam_run
+    h, w = image.shape[:2]
+    for r in out:
+        assert set(r) == FIELDS
+        seg = r["segmentation"]
+        assert seg["size"] == [h, w] and isinstance(seg["counts"], str)
+        assert isinstance(r["area"], int) and r["area"] == int(mask_utils.area(seg))
+        assert len(r["bbox"]) == 4 and len(r["crop_box"]) == 4 and r["crop_box"] == [0, 0, w, h]
+        assert np.array_equal(np.asarray(r["bbox"]), mask_utils.toBbox(seg).astype(int) - [0, 0, 1, 1])
+        assert isinstance(r["predicted_iou"], float) and isinstance(r["stability_score"], float)
+        assert len(r["point_coords"]) == 1 and len(r["point_coords"][0]) == 2
+        logits = r["low_res_logits"]
+        assert logits.dtype == np.float16 and logits.shape == (256, 256)
+        up = model.postprocess_masks(torch.from_numpy(logits.astype(np.float32))[None, None], input_size, (h, w))
+        mask = mask_utils.decode(seg).astype(bool)
+        recon = up[0, 0].numpy() > 0
+        iou = (mask & recon).sum() / (mask | recon).sum()
+        assert iou > 0.99, f"logits > 0 upsampled vs mask: IoU {iou:.4f}"
