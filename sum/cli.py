@@ -63,6 +63,18 @@ def cmd_photos(cfg: Config, args: argparse.Namespace) -> None:
     build_photo_pool(raw, cfg.data.photos.out_dir, package=cfg.data.acquire.sources[name].package)
 
 
+def cmd_embed(cfg: Config, args: argparse.Namespace) -> None:
+    from sum.model.embeddings import run_embed
+
+    run_embed(cfg)
+
+
+def cmd_pseudolabel(cfg: Config, args: argparse.Namespace) -> None:
+    from sum.pseudo.run import pseudolabel
+
+    pseudolabel(cfg)
+
+
 def cmd_validate(cfg: Config, args: argparse.Namespace) -> None:
     from sum.data.validate import validate_config
 
@@ -92,6 +104,8 @@ STAGES: dict[str, Callable[[Config, argparse.Namespace], None]] = {
     "realbench": cmd_realbench,
     "photos": cmd_photos,
     "validate": cmd_validate,
+    "embed": cmd_embed,
+    "pseudolabel": cmd_pseudolabel,
     "demo": cmd_demo,
     "export-sam": cmd_export_sam,
 }

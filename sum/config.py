@@ -177,6 +177,52 @@ class DataConfig:
 
 
 @dataclass
+class EmbedConfig:
+    """The ``embed`` stage (`run_embed`): where embeddings go, of which datasets, stored how."""
+
+    out_dir: str = "data/embeddings"
+    datasets: List[str] = field(default_factory=list)  # names in data.datasets; empty = all
+    dtype: str = "float16"  # float16 | float32: storage dtype of the features; loading gives fp32
+
+
+@dataclass
+class PseudoConfig:
+    """The ``pseudolabel`` stage (spec §3.3-3.5).
+
+    The generator settings are `MaskGenerator`'s (spec §3.3 defaults); ``min_ratio``,
+    ``max_ratio`` and ``max_masks_per_image`` are the read-time selection of spec §3.5, used by
+    `PseudoLabelDataset` and the metrics, never by the generator.
+    """
+
+    out_dir: str = "data/pseudo"
+    datasets: List[str] = field(default_factory=list)  # empty = every dataset with role unlabeled
+    metrics: str = "metrics/pseudolabel.json"
+    shard_size: int = 8  # images per shard: the unit of resuming and of Dask scheduling
+    # Dask: a LocalCluster of n_workers processes, or the scheduler at scheduler_address;
+    # n_workers = 0 runs the shards in this process, one after the other (debugging)
+    scheduler_address: Optional[str] = None
+    n_workers: int = 2
+    threads_per_worker: int = 1
+    connect_timeout_s: float = 10.0
+    # MaskGenerator (spec §3.3)
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = 0
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    min_mask_region_area: int = 0
+    decoder: str = "fast"
+    # read-time selection (spec §3.5)
+    min_ratio: float = 100.0
+    max_ratio: float = 0.95
+    max_masks_per_image: int = 40
+
+
+@dataclass
 class MethodConfig:
     """Fine-tuning method (spec §9): which losses, sampling and task prompts are on."""
 
@@ -224,6 +270,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

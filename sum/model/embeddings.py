@@ -1,0 +1,305 @@
+"""The image-embedding cache: every image is encoded once, later stages read the embedding.
+
+SUM keeps the image encoder frozen in the embedded default (decoder fine-tuning, spec §7), and
+pseudo-labelling (spec §3.3), uncertainty maps and evaluation all start from the same image
+embedding. The ``embed`` stage writes it once per image:
+
+- ``<out_dir>/<dataset>/<quoted image_id>.pt``: the record `SumPredictor.save_embedding` writes
+  (format ``sum-image-embedding/1``: features, original and input size, ``img_size``, encoder
+  fingerprint), with the features stored as float16 by default. That halves the disk (256x64x64
+  is 2 MB instead of 4 MB) at no real cost: on the CPU/GPU fast path the encoder already runs in
+  bf16 autocast (`sum.model.fast`), whose 8-bit mantissa is coarser than float16's 11 bits over
+  the range of SAM embeddings (|x| << 65504), so float16 storage adds rounding well below what
+  the encoder itself carries. `SumPredictor.load_embedding` reads these files as they are.
+- ``<out_dir>/<dataset>/index.json``: the image ids, their files and sizes, the dtype and the
+  encoder fingerprint (`sum.model.predictor.encoder_fingerprint`).
+
+`EmbeddingCache.load` casts back to fp32 and refuses, naming the file, an embedding that is
+missing, of another size or made by another encoder. `embed_datasets` resumes: images whose file
+already holds an embedding from the same encoder and dtype, of the same image bytes (sha256), are
+skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+from sum.io import atomic_path, atomic_write_text, sha256_file
+from sum.model.predictor import EMBEDDING_FORMAT, ImageEmbedding, SumPredictor
+
+log = logging.getLogger(__name__)
+
+from sum.config import EmbedConfig  # noqa: E402,F401  (re-exported for callers)
+
+INDEX_FORMAT = "sum-embedding-index/1"
+INDEX_NAME = "index.json"
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+_INDEX_EVERY_S = 30.0  # rewrite the index at least this often, so a killed run resumes cheaply
+
+
+def embedding_file(out_dir: str | os.PathLike, dataset: str, image_id: str) -> Path:
+    """``<out_dir>/<dataset>/<image_id>.pt``, the id percent-quoted so that any id is one file name."""
+    return Path(out_dir) / dataset / f"{urllib.parse.quote(str(image_id), safe='')}.pt"
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (torch.load raises many types on a bad file)
+        raise ValueError(f"{path}: not a readable embedding file ({type(e).__name__})") from None
+    if not isinstance(record, dict) or record.get("format") != EMBEDDING_FORMAT:
+        raise ValueError(f"{path}: not a SUM image embedding (expected format {EMBEDDING_FORMAT!r})")
+    return record
+
+
+def _read_index(path: Path) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable embedding index ({type(e).__name__})") from None
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{path}: not a SUM embedding index (expected format {INDEX_FORMAT!r})")
+    return index
+
+
+def _write_index(path: Path, dataset: str, fingerprint: str, img_size: int, dtype: str, images: dict) -> None:
+    index = {
+        "format": INDEX_FORMAT,
+        "dataset": dataset,
+        "fingerprint": fingerprint,
+        "img_size": img_size,
+        "dtype": dtype,
+        "images": images,
+    }
+    atomic_write_text(path, json.dumps(index, indent=1) + "\n")
+
+
+def _is_current(path: Path, fingerprint: str, dtype: torch.dtype, image_sha256: str) -> bool:
+    """Whether ``path`` holds a readable embedding of this encoder and dtype, of this image file."""
+    if not path.is_file():
+        return False
+    try:
+        record = _read_record(path)
+    except ValueError:
+        return False
+    return (
+        record.get("fingerprint") == fingerprint
+        and record["features"].dtype == dtype
+        and record.get("image_sha256") == image_sha256
+    )
+
+
+def embed_datasets(
+    model,
+    datasets: Mapping[str, object],
+    out_dir: str | os.PathLike,
+    dtype: str = "float16",
+) -> Dict[str, dict]:
+    """Encode every image of every dataset once and store its embedding (module docstring).
+
+    Images already embedded by the same encoder (fingerprint), in the same dtype, from the same
+    image file (sha256 of its bytes) are skipped, so a killed run resumes where it stopped. Files of images no longer in a
+    dataset, and temporaries of a killed run, are removed.
+
+    Arguments:
+      model (Sam): the model (weights loaded, fast path as configured); only its encoder runs.
+      datasets: name -> `sum.data.dataset.SegDataset` (``image_ids``, ``image_path(i)``).
+      out_dir: the cache folder.
+      dtype (str): "float16" (default) or "float32", the storage dtype of the features.
+
+    Returns:
+      name -> {"images", "encoded", "skipped", "seconds", "seconds_per_encoded_image"}.
+
+    Raises:
+      ValueError: naming ``dtype`` when unknown, or a dataset with duplicate image ids.
+      FileNotFoundError: naming a missing image file.
+      sum.data.formats.ImageReadError: naming the image file that does not decode.
+    """
+    from tqdm.auto import tqdm
+
+    from sum.data.formats import read_image
+
+    if dtype not in DTYPES:
+        raise ValueError(f"embed.dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    predictor = SumPredictor(model)
+    fingerprint = predictor.fingerprint()
+    img_size = int(model.image_encoder.img_size)
+    summary: Dict[str, dict] = {}
+    for name, ds in datasets.items():
+        folder = Path(out_dir) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        index_path = folder / INDEX_NAME
+        ids = list(ds.image_ids)
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"dataset {name!r} ({getattr(ds, 'source', '')}): duplicate image ids, cannot key embeddings")
+        old = _read_index(index_path) or {}
+        old_images = old.get("images", {}) if old.get("fingerprint") == fingerprint and old.get("dtype") == dtype else {}
+        keep = {embedding_file(out_dir, name, i).name for i in ids}
+        for stale in folder.iterdir():
+            if (stale.suffix == ".pt" and stale.name not in keep) or stale.name.endswith(".tmp"):
+                stale.unlink()  # images gone from the dataset, or temporaries of a killed run
+
+        images: dict = {}
+        encoded, t0, last_index = 0, time.perf_counter(), time.perf_counter()
+        bar = tqdm(total=len(ids), desc=f"embed {name}", unit="img", disable=None)
+        for i, image_id in enumerate(ids):
+            path = embedding_file(out_dir, name, image_id)
+            image_path = ds.image_path(i)
+            if not Path(image_path).is_file():
+                raise FileNotFoundError(f"{image_path}: image {image_id!r} of dataset {name!r} not found")
+            digest = sha256_file(image_path)
+            entry = old_images.get(image_id)
+            if entry and entry.get("image_sha256") == digest and path.is_file():
+                images[image_id] = entry  # the index is written only after its files
+            elif entry is None and _is_current(path, fingerprint, torch_dtype, digest):
+                images[image_id] = _entry(path, _read_record(path))  # written before a kill, not yet indexed
+            else:
+                predictor.set_image(read_image(image_path))
+                emb = predictor.get_embedding()
+                record = {
+                    "format": EMBEDDING_FORMAT,
+                    "features": emb.features.to("cpu", torch_dtype).contiguous(),
+                    "original_size": list(emb.original_size),
+                    "input_size": list(emb.input_size),
+                    "img_size": img_size,
+                    "fingerprint": fingerprint,
+                    "image_sha256": digest,
+                }
+                with atomic_path(path) as tmp:
+                    torch.save(record, tmp)
+                images[image_id] = _entry(path, record)
+                encoded += 1
+            bar.update(1)
+            if time.perf_counter() - last_index > _INDEX_EVERY_S:
+                _write_index(index_path, name, fingerprint, img_size, dtype, {**images})
+                last_index = time.perf_counter()
+        bar.close()
+        _write_index(index_path, name, fingerprint, img_size, dtype, images)
+        seconds = time.perf_counter() - t0
+        summary[name] = {
+            "images": len(ids),
+            "encoded": encoded,
+            "skipped": len(ids) - encoded,
+            "seconds": round(seconds, 3),
+            "seconds_per_encoded_image": round(seconds / encoded, 4) if encoded else None,
+        }
+        log.info("embed %s: %d images, %d encoded, %d already cached, %.1f s", name, len(ids), encoded, len(ids) - encoded, seconds)
+    return summary
+
+
+def _entry(path: Path, record: dict) -> dict:
+    return {
+        "file": path.name,
+        "original_size": [int(s) for s in record["original_size"]],
+        "input_size": [int(s) for s in record["input_size"]],
+        "image_sha256": record["image_sha256"],
+    }
+
+
+class EmbeddingCache:
+    """Read access to the embeddings `embed_datasets` wrote under ``out_dir``.
+
+    Arguments:
+      out_dir: the cache folder.
+      fingerprint (str or None): `encoder_fingerprint` of the model that will use the embeddings;
+        when given, every `load` checks it (also settable per call).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, fingerprint: Optional[str] = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.fingerprint = fingerprint
+        self._indexes: Dict[str, dict] = {}
+
+    def index(self, dataset: str) -> dict:
+        """The dataset's ``index.json`` (read once).
+
+        Raises:
+          FileNotFoundError: naming the index when the dataset was never embedded.
+        """
+        if dataset not in self._indexes:
+            path = self.out_dir / dataset / INDEX_NAME
+            index = _read_index(path)
+            if index is None:
+                raise FileNotFoundError(f"{path}: no embedding index for dataset {dataset!r} (run `sum embed`)")
+            self._indexes[dataset] = index
+        return self._indexes[dataset]
+
+    def image_ids(self, dataset: str) -> List[str]:
+        return list(self.index(dataset)["images"])
+
+    def path(self, dataset: str, image_id: str) -> Path:
+        return embedding_file(self.out_dir, dataset, image_id)
+
+    def load(
+        self,
+        dataset: str,
+        image_id: str,
+        fingerprint: Optional[str] = None,
+        original_size: Optional[Tuple[int, int]] = None,
+    ) -> ImageEmbedding:
+        """The fp32 embedding of one image.
+
+        Arguments:
+          dataset, image_id: which image.
+          fingerprint: expected encoder fingerprint (default: the cache's; None checks nothing).
+          original_size: expected (H, W) of the image, if known.
+
+        Raises:
+          FileNotFoundError: naming the file when the image was not embedded.
+          ValueError: naming the file when it is not an embedding, disagrees with the index or
+            ``original_size``, or was made by another encoder.
+        """
+        path = self.path(dataset, image_id)
+        index = self.index(dataset)
+        entry = index["images"].get(str(image_id))
+        if entry is None or not path.is_file():
+            raise FileNotFoundError(f"{path}: no embedding of image {image_id!r} of dataset {dataset!r} (run `sum embed`)")
+        record = _read_record(path)
+        expected = fingerprint or self.fingerprint
+        if record.get("fingerprint") != index.get("fingerprint") or (expected and record.get("fingerprint") != expected):
+            made = str(record.get("fingerprint"))[:12]
+            want = str(expected or index.get("fingerprint"))[:12]
+            raise ValueError(f"{path}: embedding made by another image encoder (fingerprint {made}..., expected {want}...)")
+        size = tuple(int(s) for s in record["original_size"])
+        if size != tuple(entry["original_size"]) or (original_size is not None and size != tuple(original_size)):
+            want = tuple(original_size) if original_size is not None else tuple(entry["original_size"])
+            raise ValueError(f"{path}: embedding of a {size[0]}x{size[1]} image, expected {want[0]}x{want[1]}")
+        return ImageEmbedding(
+            features=record["features"].to(torch.float32),
+            original_size=size,
+            input_size=tuple(int(s) for s in record["input_size"]),
+            fingerprint=record["fingerprint"],
+        )
+
+
+def run_embed(cfg) -> Dict[str, dict]:
+    """The ``embed`` stage: `embed_datasets` over ``cfg.embed.datasets`` (empty = every dataset of
+    ``cfg.data.datasets``) with the model of ``cfg.model``, into ``cfg.embed.out_dir``.
+
+    Raises:
+      ValueError: naming unknown dataset names.
+    """
+    from sum.data.dataset import build_dataset
+    from sum.io import S3Options
+    from sum.model.checkpoint import load_model
+
+    names = list(cfg.embed.datasets) or list(cfg.data.datasets)
+    unknown = [n for n in names if n not in cfg.data.datasets]
+    if unknown:
+        raise ValueError(f"embed.datasets: unknown dataset(s) {unknown}; known: {sorted(cfg.data.datasets)}")
+    torch.manual_seed(0)  # a randomly initialised model (no checkpoint) is the same in every stage
+    model = load_model(cfg.model, s3=S3Options.from_config(cfg.storage.s3))
+    datasets = {n: build_dataset(cfg.data.datasets[n], n) for n in names}
+    return embed_datasets(model, datasets, cfg.embed.out_dir, cfg.embed.dtype)
