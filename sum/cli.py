@@ -75,6 +75,24 @@ def cmd_pseudolabel(cfg: Config, args: argparse.Namespace) -> None:
     pseudolabel(cfg)
 
 
+def cmd_refine(cfg: Config, args: argparse.Namespace) -> None:
+    from sum.uncertainty.refine import run_refine
+
+    run_refine(cfg)
+
+
+def cmd_uncertainty(cfg: Config, args: argparse.Namespace) -> None:
+    from sum.uncertainty.maps import run_uncertainty
+
+    run_uncertainty(cfg)
+
+
+def cmd_uncertainty_report(cfg: Config, args: argparse.Namespace) -> None:
+    from sum.uncertainty.report import run_uncertainty_report
+
+    run_uncertainty_report(cfg)
+
+
 def cmd_validate(cfg: Config, args: argparse.Namespace) -> None:
     from sum.data.validate import validate_config
 
@@ -106,6 +124,9 @@ STAGES: dict[str, Callable[[Config, argparse.Namespace], None]] = {
     "validate": cmd_validate,
     "embed": cmd_embed,
     "pseudolabel": cmd_pseudolabel,
+    "refine": cmd_refine,
+    "uncertainty": cmd_uncertainty,
+    "uncertainty-report": cmd_uncertainty_report,
     "demo": cmd_demo,
     "export-sam": cmd_export_sam,
 }

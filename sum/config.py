@@ -223,6 +223,53 @@ class PseudoConfig:
 
 
 @dataclass
+class RefineConfig:
+    """The ``refine`` stage: training the mask-refinement module (spec §4.1, §13 A6)."""
+
+    out: str = "models/refiner.ckpt"
+    dataset: str = "hq_train"  # the human-annotated set the pairs come from
+    epochs: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    batch_size: int = 8  # pairs per optimiser step
+    iou_filter: float = 0.7  # keep pairs with IoU(SAM, GT) >= this (App. D.2)
+    pred_iou_thresh: float = 0.88  # AMG quality filters (App. D.2, spec §3.3)
+    stability_thresh: float = 0.95
+    stability_offset: float = 1.0
+    points_per_mask: int = 2  # single-point prompts drawn per GT mask
+    loss_size: int = 256  # loss resolution (padded frame side); 1024 = spec A10
+    seed: int = 0
+    val_fraction: float = 0.2
+    max_images: int = 0  # images of the dataset used; 0 = all
+
+
+@dataclass
+class UncertaintyConfig:
+    """The ``uncertainty`` stage (maps, spec §4.2) and its report (`sum.uncertainty.report`).
+
+    ``hidden_gt`` is a glob relative to the parent of a dataset's image folder: the embedded
+    world keeps the unlabeled pool's ground truth there for scoring only (never for training).
+    """
+
+    out_dir: str = "data/uncertainty"
+    datasets: List[str] = field(default_factory=list)  # empty = every dataset with pseudo labels
+    batch_size: int = 16  # pseudo labels refined per decoder call (one image at a time)
+    store_refined: bool = True  # also store r (float16) beside u
+    certainty_threshold: float = 0.6  # θ of spec §5.4: pixels with c <= θ count as uncertain
+    metrics: str = "metrics/uncertainty.json"
+    panel: str = "outputs/uncertainty/panel.png"
+    n_panel_images: int = 4
+    max_report_images: int = 0  # images scored per dataset; 0 = all
+    hidden_gt: str = "hidden_gt/annotations_*.json"
+    region_margin: float = 0.1  # scoring region: pseudo-label box grown by this fraction of its side
+    region_min_px: int = 8  # ... and by at least this many pixels
+    min_match_iou: float = 0.5  # headline metrics use pseudo labels whose best GT match reaches this
+
+
+# ---- paper Eq. 3 -----------------------------------------------------------------------------
+
+
+@dataclass
 class MethodConfig:
     """Fine-tuning method (spec §9): which losses, sampling and task prompts are on."""
 
@@ -272,6 +319,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,473 @@
+"""Uncertainty maps of pseudo labels (spec §4.2) and their storage beside the pseudo-label shards.
+
+For a pseudo label with SAM's low-res logits ``s`` and the refinement module's logits ``r``
+(`sum.uncertainty.refine`, spec §4.1), paper Eq. 3:
+
+    u = |σ(s) − σ(r)| ∈ [0, 1],   c = 1 − u,   pseudo label ŷ = 1[s > 0]
+
+The label stays SAM's mask; the refined mask only serves to measure where SAM is likely wrong.
+
+Storage (choice vs spec §3.4 / §13 A7). Per pseudo-label shard ``<pseudo_dir>/<dataset>/
+shard-XXXXX.{json,npz}`` this stage writes ``<out_dir>/<dataset>/shard-XXXXX.npz`` with
+
+- ``u`` uint8 (M, h, w) = round(255·u), h = w = 256 for SAM: the low-res padded 1024 frame of
+  the pseudo-label logits, rows in the shard's ``logit_index`` order. A7 recommends σ(s) at the
+  original resolution and σ(r) at 256²; the logits ``s`` here are already stored at 256² (the
+  pseudo stage's float16 deviation), so u is computed where both live, in the padded frame, and
+  brought to the image like SAM brings its logits (`uncertainty_at`). 8-bit storage is what the
+  released loader reads (σ(r)·255 PNGs); its error is at most 1/510 per pixel.
+- ``r`` float16 (M, h, w), the refined logits (optional, ``store_refined``), for reports and
+  for the "Mask Refinement" ablation (spec Tab. 2) that trains on ``1[r > 0]``.
+
+and ``<out_dir>/<dataset>/shard-XXXXX.json`` with per-mask summaries aligned with the pseudo-label
+records (`mask_summary`). Both are written atomically, the npz first: a json marks the shard
+complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from sum.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+UNCERTAINTY_FORMAT = "sum-uncertainty-shard/1"
+CERTAINTY_THRESHOLD = 0.6  # θ of the UA-Dice loss (spec §5.4); "uncertain" means c <= θ
+
+
+from sum.config import UncertaintyConfig  # noqa: E402,F401  (re-exported for callers)
+
+
+def uncertainty_map(s_logits, r_logits):
+    """``u = |σ(s) − σ(r)|``, paper Eq. 3 (spec §4.2).
+
+    Arguments:
+      s_logits: SAM's logits of the pseudo label, any shape (torch tensor or numpy array).
+      r_logits: the refinement module's logits, same shape.
+    Returns:
+      u in [0, 1], same shape and kind (torch / numpy) as ``s_logits``; float32 for numpy.
+    """
+    if isinstance(s_logits, torch.Tensor):
+        r = torch.as_tensor(r_logits, dtype=s_logits.dtype, device=s_logits.device)
+        if r.shape != s_logits.shape:
+            raise ValueError(f"uncertainty_map: s is {tuple(s_logits.shape)}, r is {tuple(r.shape)}")
+        return (torch.sigmoid(s_logits) - torch.sigmoid(r)).abs()
+    s = np.asarray(s_logits, dtype=np.float32)
+    r = np.asarray(r_logits, dtype=np.float32)
+    if r.shape != s.shape:
+        raise ValueError(f"uncertainty_map: s is {s.shape}, r is {r.shape}")
+    return np.abs(_sigmoid(s) - _sigmoid(r)).astype(np.float32)
+
+
+def certainty(u):
+    """``c = 1 − u`` (spec §4.2)."""
+    return 1 - u
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free σ
+
+
+def quantize_u(u) -> np.ndarray:
+    """u in [0, 1] -> uint8 ``round(255·u)`` (error <= 1/510); values are clipped to [0, 1]."""
+    u = u.detach().cpu().numpy() if isinstance(u, torch.Tensor) else np.asarray(u)
+    return np.rint(np.clip(u.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def dequantize_u(u_q: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 u = value / 255, as `sum.pseudo.store.PseudoLabelDataset` reads it."""
+    return np.asarray(u_q).astype(np.float32) / 255.0
+
+
+def uncertainty_at(
+    maps_mhw: np.ndarray, img_size: int, input_size: Tuple[int, int], original_size: Tuple[int, int]
+) -> np.ndarray:
+    """Low-res maps (u, or logits) of the padded frame at the original image resolution, the way
+    ``Sam.postprocess_masks`` brings low-res logits there: bilinear to (img_size, img_size), crop
+    to the input size, bilinear to the original size (align_corners=False). Bilinear
+    interpolation keeps u within [0, 1].
+
+    Arguments:
+      maps_mhw: (M, h, w) float or uint8-dequantised maps.
+      img_size: the model's padded input side (1024).
+      input_size: (h, w) of the image after ``ResizeLongestSide``.
+      original_size: (H, W) of the image.
+    Returns:
+      (M, H, W) float32.
+    """
+    from sum.pseudo.store import upsample_low_res
+
+    return upsample_low_res(np.asarray(maps_mhw, np.float32), img_size, tuple(input_size), tuple(original_size))
+
+
+# ---- applying the refinement module to pseudo labels -----------------------------------------
+
+
+def _xywh_to_xyxy(b: Sequence[float]) -> List[float]:
+    x, y, w, h = (float(v) for v in b)
+    return [x, y, x + w, y + h]
+
+
+@torch.no_grad()
+def refine_image(
+    refiner,
+    features_1chw: torch.Tensor,
+    original_size: Tuple[int, int],
+    annotations: Sequence[dict],
+    s_mhw: np.ndarray,
+    batch_size: int = 16,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Refined logits of one image's pseudo labels (spec §4.1, inputs all at once).
+
+    Each pseudo label is refined with its three prompts together: the mask prompt ``s`` (SAM's
+    low-res logits), the box of the pseudo label (``bbox``, XYWH in the image) and the AMG grid
+    point that produced it (``point_coords``, positive). Output: the single-output token (index 0).
+
+    Arguments:
+      refiner: `sum.uncertainty.refine.RefinementModule`.
+      features_1chw: the image embedding, (1, C, He, We).
+      original_size: (H, W).
+      annotations: pseudo-label records (``bbox``, ``point_coords``), in the order of ``s_mhw``.
+      s_mhw: (M, h, w) SAM low-res logits.
+      batch_size: pseudo labels per decoder call.
+    Returns:
+      (r (M, h, w) float32 refined logits, iou (M,) float32 predicted IoU of the refined masks).
+    """
+    m = len(annotations)
+    if s_mhw.shape[0] != m:
+        raise ValueError(f"refine_image: {m} annotations but {s_mhw.shape[0]} logit maps")
+    if m == 0:
+        return np.zeros((0, *s_mhw.shape[1:]), np.float32), np.zeros((0,), np.float32)
+    transform = ResizeLongestSide(refiner.img_size)
+    points = np.array([a["point_coords"][0] for a in annotations], np.float64)[:, None, :]  # (M, 1, 2)
+    boxes = np.array([_xywh_to_xyxy(a["bbox"]) for a in annotations], np.float64)  # (M, 4)
+    points = transform.apply_coords(points, tuple(original_size))
+    boxes = transform.apply_boxes(boxes, tuple(original_size))
+    device = refiner.device
+    feats = features_1chw.to(device, torch.float32)
+    r_out, iou_out = [], []
+    for start in range(0, m, batch_size):
+        sl = slice(start, start + batch_size)
+        pts = torch.as_tensor(points[sl], dtype=torch.float32, device=device)
+        lab = torch.ones(pts.shape[:2], dtype=torch.int, device=device)
+        box = torch.as_tensor(boxes[sl], dtype=torch.float32, device=device)
+        s = torch.as_tensor(np.asarray(s_mhw[sl], np.float32), device=device)[:, None]
+        r_b1hw, iou_b1 = refiner(feats, pts, lab, box, s)
+        r_out.append(r_b1hw[:, 0].float().cpu().numpy())
+        iou_out.append(iou_b1[:, 0].float().cpu().numpy())
+    return np.concatenate(r_out), np.concatenate(iou_out)
+
+
+def refine_pseudo_labels(
+    refiner,
+    embedding_of: Callable[[str], object],
+    images: Sequence[dict],
+    logits_mhw: np.ndarray,
+    batch_size: int = 16,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """``r`` for every pseudo label of a shard, batched per image (spec §4.1-4.2).
+
+    Arguments:
+      refiner: `sum.uncertainty.refine.RefinementModule`.
+      embedding_of: image_id -> `sum.model.predictor.ImageEmbedding` (e.g. `EmbeddingCache.load`).
+      images: the shard json's ``images`` (each with ``annotations`` holding ``logit_index``).
+      logits_mhw: the shard's ``logits`` (M, h, w), SAM's ``s``.
+      batch_size: pseudo labels per decoder call.
+    Returns:
+      (r (M, h, w) float32, refined predicted IoU (M,) float32), rows in ``logit_index`` order.
+    """
+    n = logits_mhw.shape[0]
+    r_mhw = np.zeros(logits_mhw.shape, np.float32)
+    iou_m = np.zeros((n,), np.float32)
+    seen = np.zeros((n,), bool)
+    for img in images:
+        anns = img["annotations"]
+        if not anns:
+            continue
+        rows = [int(a["logit_index"]) for a in anns]
+        if max(rows) >= n:
+            raise ValueError(f"image {img['image_id']!r}: logit_index {max(rows)} but the shard has {n} logit maps")
+        emb = embedding_of(str(img["image_id"]))
+        size = (int(img["height"]), int(img["width"]))
+        if tuple(emb.original_size) != size:
+            raise ValueError(f"image {img['image_id']!r}: embedding of a {emb.original_size} image, shard says {size}")
+        r, iou = refine_image(refiner, emb.features, size, anns, logits_mhw[rows], batch_size)
+        r_mhw[rows], iou_m[rows] = r, iou
+        seen[rows] = True
+    if not seen.all():
+        raise ValueError(f"{int((~seen).sum())} logit maps are referenced by no annotation")
+    return r_mhw, iou_m
+
+
+# ---- per-mask summaries ----------------------------------------------------------------------
+
+
+def lowres_valid_size(original_size: Tuple[int, int], img_size: int, low_res: int) -> Tuple[int, int]:
+    """(h, w) of the non-padded part of the low-res frame (the resized image, before padding)."""
+    h, w = ResizeLongestSide.get_preprocess_shape(int(original_size[0]), int(original_size[1]), img_size)
+    scale = low_res / img_size
+    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+
+
+def mask_summary(
+    u_hw: np.ndarray,
+    s_hw: np.ndarray,
+    r_hw: np.ndarray,
+    bbox_xywh: Sequence[float],
+    original_size: Tuple[int, int],
+    img_size: int,
+    threshold: float = CERTAINTY_THRESHOLD,
+) -> Dict[str, float]:
+    """Summary statistics of one pseudo label's u, at low res in the padded frame.
+
+    Returns:
+      ``mean_u`` (over the non-padded image), ``mean_u_box`` (inside the pseudo label's box),
+      ``uncertain_fraction_box`` (fraction of box pixels with ``c <= threshold``, i.e. what the
+      UA-Dice loss leaves out, spec §5.4), ``mean_u_mask`` (inside ``s > 0``), ``iou_s_r`` (IoU
+      of ``1[s > 0]`` and ``1[r > 0]`` over the image).
+    """
+    lh, lw = u_hw.shape
+    vh, vw = lowres_valid_size(original_size, img_size, lh)
+    u = u_hw[:vh, :vw]
+    scale = lh / img_size * img_size / max(original_size)  # image pixels -> low-res pixels
+    x0, y0, x1, y1 = _xywh_to_xyxy(bbox_xywh)
+    bx0, by0 = int(np.floor(x0 * scale)), int(np.floor(y0 * scale))
+    bx1, by1 = min(vw, int(np.ceil((x1 + 1) * scale))), min(vh, int(np.ceil((y1 + 1) * scale)))
+    ub = u[by0:by1, bx0:bx1]
+    sm, rm = s_hw[:vh, :vw] > 0, r_hw[:vh, :vw] > 0
+    union = int((sm | rm).sum())
+    return {
+        "mean_u": float(u.mean()),
+        "mean_u_box": float(ub.mean()) if ub.size else 0.0,
+        "uncertain_fraction_box": float((1 - ub <= threshold).mean()) if ub.size else 0.0,
+        "mean_u_mask": float(u[sm].mean()) if sm.any() else 0.0,
+        "iou_s_r": float((sm & rm).sum() / union) if union else 0.0,
+    }
+
+
+# ---- shards ----------------------------------------------------------------------------------
+
+
+def uncertainty_paths(out_dir: str | os.PathLike, dataset: str, shard: int) -> Tuple[Path, Path]:
+    """(json, npz) of the uncertainty maps of one pseudo-label shard."""
+    from sum.pseudo.store import shard_stem
+
+    folder = Path(out_dir) / dataset
+    return folder / f"{shard_stem(shard)}.json", folder / f"{shard_stem(shard)}.npz"
+
+
+def uncertainty_shard(
+    refiner,
+    embedding_of: Callable[[str], object],
+    doc: dict,
+    logits_mhw: np.ndarray,
+    batch_size: int = 16,
+    threshold: float = CERTAINTY_THRESHOLD,
+) -> Tuple[np.ndarray, np.ndarray, dict]:
+    """u, r and the summary document of one pseudo-label shard.
+
+    Returns:
+      (u uint8 (M, h, w), r float16 (M, h, w), json document with per-mask summaries).
+    """
+    img_size = int(doc.get("img_size", 1024))
+    r_mhw, iou_m = refine_pseudo_labels(refiner, embedding_of, doc["images"], logits_mhw, batch_size)
+    u_mhw = uncertainty_map(logits_mhw.astype(np.float32), r_mhw)
+    images = []
+    for img in doc["images"]:
+        size = (int(img["height"]), int(img["width"]))
+        masks = []
+        for a in img["annotations"]:
+            j = int(a["logit_index"])
+            stats = mask_summary(u_mhw[j], logits_mhw[j].astype(np.float32), r_mhw[j], a["bbox"], size, img_size, threshold)
+            masks.append({"id": a["id"], "logit_index": j, "refined_iou_pred": float(iou_m[j]), **stats})
+        images.append({"image_id": img["image_id"], "masks": masks})
+    out = {
+        "format": UNCERTAINTY_FORMAT,
+        "shard": int(doc["shard"]),
+        "dataset": doc.get("dataset"),
+        "pseudo_config_hash": doc.get("config_hash"),
+        "img_size": img_size,
+        "certainty_threshold": threshold,
+        "n_masks": int(logits_mhw.shape[0]),
+        "images": images,
+    }
+    return quantize_u(u_mhw), r_mhw.astype(np.float16), out
+
+
+def write_uncertainty_shard(
+    out_dir: str | os.PathLike,
+    dataset: str,
+    shard: int,
+    u_q: np.ndarray,
+    summary: dict,
+    r: Optional[np.ndarray] = None,
+) -> Path:
+    """Write the npz (``u`` uint8, optional ``r`` float16), then the json, each atomically.
+
+    Returns:
+      the json path.
+    """
+    from sum.pseudo.store import write_npz
+
+    if u_q.dtype != np.uint8:
+        raise ValueError(f"{dataset} shard {shard}: u must be uint8 (quantize_u), got {u_q.dtype}")
+    json_path, npz_path = uncertainty_paths(out_dir, dataset, shard)
+    arrays = {"u": u_q}
+    if r is not None:
+        if r.shape != u_q.shape:
+            raise ValueError(f"{npz_path}: r is {r.shape}, u is {u_q.shape}")
+        arrays["r"] = r.astype(np.float16)
+    write_npz(npz_path, **arrays)
+    atomic_write_text(json_path, json.dumps(summary, separators=(",", ":")) + "\n")
+    return json_path
+
+
+def read_uncertainty_shard(out_dir: str | os.PathLike, dataset: str, shard: int) -> Tuple[dict, np.ndarray, Optional[np.ndarray]]:
+    """(summary json, u float32 (M, h, w), r float32 or None).
+
+    Raises:
+      FileNotFoundError, ValueError: naming the file.
+    """
+    json_path, npz_path = uncertainty_paths(out_dir, dataset, shard)
+    for p in (json_path, npz_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: uncertainty shard not found (run `sum uncertainty`)")
+    try:
+        doc = json.loads(json_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{json_path}: not a readable uncertainty shard ({type(e).__name__})") from None
+    if not isinstance(doc, dict) or doc.get("format") != UNCERTAINTY_FORMAT:
+        raise ValueError(f"{json_path}: not an uncertainty shard (expected format {UNCERTAINTY_FORMAT!r})")
+    try:
+        with np.load(npz_path, allow_pickle=False) as z:
+            u = dequantize_u(z["u"])
+            r = z["r"].astype(np.float32) if "r" in z.files else None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{npz_path}: not a readable uncertainty archive with 'u' ({type(e).__name__})") from None
+    if u.shape[0] != doc.get("n_masks"):
+        raise ValueError(f"{npz_path}: {u.shape[0]} maps, {json_path.name} says n_masks={doc.get('n_masks')}")
+    return doc, u, r
+
+
+# ---- the stage -------------------------------------------------------------------------------
+
+
+def pseudo_datasets(pseudo_dir: str | os.PathLike) -> List[str]:
+    """Datasets with at least one complete pseudo-label shard under ``pseudo_dir``."""
+    from sum.pseudo.store import list_shards
+
+    root = Path(pseudo_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and list_shards(root, p.name))
+
+
+def embedding_source(model, dataset_name: str, dataset, embed_dir: Optional[str | os.PathLike]) -> Callable[[str], object]:
+    """image_id -> `ImageEmbedding`: from the ``embed`` stage's cache when it has the dataset,
+    else computed with the foundation model's encoder (once per image, kept in memory)."""
+    from sum.model.predictor import SumPredictor
+
+    predictor = SumPredictor(model)
+    if embed_dir is not None and (Path(embed_dir) / dataset_name / "index.json").is_file():
+        from sum.model.embeddings import EmbeddingCache
+
+        cache = EmbeddingCache(embed_dir, fingerprint=predictor.fingerprint())
+        return lambda image_id: cache.load(dataset_name, image_id)
+
+    from sum.data.formats import read_image
+
+    position = {str(i): k for k, i in enumerate(dataset.image_ids)}
+    memo: Dict[str, object] = {}
+
+    def compute(image_id: str):
+        if image_id not in memo:
+            if image_id not in position:
+                raise KeyError(f"dataset {dataset_name!r} ({dataset.source}): no image {image_id!r}")
+            predictor.set_image(read_image(dataset.image_path(position[image_id])))
+            memo[image_id] = predictor.get_embedding()
+        return memo[image_id]
+
+    log.info("no embedding cache for %s under %s: encoding images in memory", dataset_name, embed_dir)
+    return compute
+
+
+def compute_uncertainty(
+    refiner,
+    model,
+    datasets: Dict[str, object],
+    pseudo_dir: str | os.PathLike,
+    cfg: UncertaintyConfig,
+    embed_dir: Optional[str | os.PathLike] = None,
+) -> Dict[str, dict]:
+    """Write u (and r) for every pseudo-label shard of each dataset (spec §4.2).
+
+    Arguments:
+      refiner: the trained `RefinementModule`.
+      model: the foundation SAM (its encoder makes embeddings missing from the cache).
+      datasets: name -> `SegDataset` of the images the pseudo labels were made on.
+      pseudo_dir: the pseudo-label folder.
+      cfg: `UncertaintyConfig`.
+      embed_dir: the ``embed`` stage's cache, or None.
+    Returns:
+      name -> {"shards", "masks", "mean_u", "uncertain_fraction_box"}.
+    """
+    from sum.pseudo.store import list_shards, read_shard
+
+    summary = {}
+    for name, ds in datasets.items():
+        embedding_of = embedding_source(model, name, ds, embed_dir)
+        shards = list_shards(pseudo_dir, name)
+        if not shards:
+            raise FileNotFoundError(f"{Path(pseudo_dir) / name}: no pseudo-label shards (run `sum pseudolabel`)")
+        mean_u, frac = [], []
+        for shard in shards:
+            doc, logits = read_shard(pseudo_dir, name, shard)
+            u_q, r, out = uncertainty_shard(refiner, embedding_of, doc, logits, cfg.batch_size, cfg.certainty_threshold)
+            write_uncertainty_shard(cfg.out_dir, name, shard, u_q, out, r if cfg.store_refined else None)
+            for img in out["images"]:
+                mean_u += [m["mean_u_box"] for m in img["masks"]]
+                frac += [m["uncertain_fraction_box"] for m in img["masks"]]
+            log.info("uncertainty %s shard %d: %d masks", name, shard, out["n_masks"])
+        summary[name] = {
+            "shards": len(shards),
+            "masks": len(mean_u),
+            "mean_u_box": float(np.mean(mean_u)) if mean_u else 0.0,
+            "uncertain_fraction_box": float(np.mean(frac)) if frac else 0.0,
+        }
+    return summary
+
+
+def run_uncertainty(cfg) -> Dict[str, dict]:
+    """The ``uncertainty`` stage: the refinement module of ``cfg.refine.out`` over the pseudo labels
+    of ``cfg.pseudo.out_dir`` (datasets ``cfg.uncertainty.datasets``, empty = all that have shards).
+
+    Raises:
+      ValueError: naming unknown dataset names.
+    """
+    from sum.data.dataset import build_dataset
+    from sum.io import S3Options
+    from sum.model.checkpoint import load_model
+    from sum.uncertainty.refine import load_refiner
+
+    ucfg = cfg.uncertainty
+    pseudo_dir = cfg.pseudo.out_dir
+    names = list(ucfg.datasets) or pseudo_datasets(pseudo_dir)
+    unknown = [n for n in names if n not in cfg.data.datasets]
+    if unknown:
+        raise ValueError(f"uncertainty.datasets: unknown dataset(s) {unknown}; known: {sorted(cfg.data.datasets)}")
+    model = load_model(cfg.model, s3=S3Options.from_config(cfg.storage.s3))
+    refiner, _ = load_refiner(cfg.refine.out, device=model.device)
+    datasets = {n: build_dataset(cfg.data.datasets[n], n) for n in names}
+    embed_dir = getattr(getattr(cfg, "embed", None), "out_dir", None)
+    return compute_uncertainty(refiner, model, datasets, pseudo_dir, ucfg, embed_dir)

@@ -1,0 +1,229 @@
+"""Uncertainty maps (spec §4.2): Eq. 3, storage, alignment with pseudo-label records, AUROC."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sum.model.build import build_sum_model
+from sum.uncertainty.maps import (
+    dequantize_u,
+    mask_summary,
+    quantize_u,
+    read_uncertainty_shard,
+    refine_image,
+    refine_pseudo_labels,
+    uncertainty_at,
+    uncertainty_map,
+    uncertainty_shard,
+    write_uncertainty_shard,
+)
+from sum.uncertainty.refine import RefinementModule
+from sum.uncertainty.report import auroc, average_ranks, scoring_region, score_image, summarize
+
+
+# ---- development pseudo labels (until the pseudolabel stage has run) ---------------------------
+
+
+def make_dev_pseudo_labels(model, embedding_of, dataset, dataset_name, pseudo_dir, n_images, points_per_side=8):
+    """Pseudo labels of the first ``n_images`` of ``dataset`` in the pseudo-label shard format,
+    made by SAM's automatic mask generator (`sum.pseudo.amg.MaskGenerator`, which keeps SAM's
+    low-res logits) from cached embeddings; one shard. Returns the shard json path."""
+    from sum.pseudo.amg import MaskGenerator
+    from sum.pseudo.store import ShardImage, write_shard
+
+    gen = MaskGenerator(model, points_per_side=points_per_side)
+    images = []
+    for i in range(n_images):
+        image_id = dataset.image_ids[i]
+        emb = embedding_of(image_id)
+        records = gen.generate_from_embedding(emb.features, emb.original_size, emb.input_size)
+        h, w = emb.original_size
+        images.append(ShardImage(image_id, dataset.image_path(i).name, h, w, i, records))
+    low = 4 * model.prompt_encoder.image_embedding_size[0]
+    return write_shard(pseudo_dir, dataset_name, 0, "dev", images, logits_hw=(low, low), img_size=model.image_encoder.img_size)
+
+
+# ---- Eq. 3 -------------------------------------------------------------------------------------
+
+
+def test_uncertainty_map_hand_computed():
+    ln3 = math.log(3.0)
+    s = [0.0, ln3, -ln3, 20.0]  # σ: 1/2, 3/4, 1/4, ~1
+    r = [0.0, 0.0, ln3, -20.0]  # σ: 1/2, 1/2, 3/4, ~0
+    expected = [0.0, 0.25, 0.5, 1.0]
+    u_np = uncertainty_map(np.array(s), np.array(r))
+    assert u_np.dtype == np.float32
+    np.testing.assert_allclose(u_np, expected, atol=1e-6)
+    u_t = uncertainty_map(torch.tensor(s), torch.tensor(r))
+    assert isinstance(u_t, torch.Tensor)
+    np.testing.assert_allclose(u_t.numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(1 - u_np, [1.0, 0.75, 0.5, 0.0], atol=1e-6)  # c = 1 - u
+    with pytest.raises(ValueError, match="s is"):
+        uncertainty_map(np.zeros(3), np.zeros(4))
+
+
+def test_quantisation_error_is_at_most_half_a_step():
+    u = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
+    u[0, 0, :4] = [0.0, 1.0, 0.5 / 255, 254.5 / 255]
+    back = dequantize_u(quantize_u(u))
+    assert quantize_u(u).dtype == np.uint8
+    assert np.abs(back - u).max() <= 1 / 510 + 1e-7
+
+
+# ---- AUROC ---------------------------------------------------------------------------------------
+
+
+def test_auroc_hand_computed():
+    # positives 0.35, 0.8; negatives 0.1, 0.4: pairs won 1 (0.35>0.1) + 2 (0.8 beats both) of 4
+    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    # a tie counts one half: pos 1 vs neg 1 -> 0.5, pos 2 vs neg 1 -> 1
+    assert auroc([1, 1, 2], [0, 1, 1]) == 0.75
+    assert auroc([0, 1], [0, 1]) == 1.0 and auroc([1, 0], [0, 1]) == 0.0
+    assert math.isnan(auroc([0.3, 0.5], [1, 1]))
+    np.testing.assert_allclose(average_ranks(np.array([3, 1, 3, 2])), [3.5, 1, 3.5, 2])
+
+
+def test_auroc_equals_the_pairwise_count():
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        scores = rng.integers(0, 6, 60) / 5.0  # many ties
+        labels = rng.random(60) < 0.3
+        pos, neg = scores[labels], scores[~labels]
+        brute = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg)) / (len(pos) * len(neg))
+        assert auroc(scores, labels) == pytest.approx(brute, abs=1e-12)
+
+
+def test_scoring_region_grows_the_box_and_clips():
+    rows, cols = scoring_region([10, 20, 100, 50], (100, 200), margin=0.1, min_px=8)
+    assert (rows.start, rows.stop, cols.start, cols.stop) == (12, 79, 0, 121)  # dy=8, dx=10
+    rows, cols = scoring_region([0, 0, 199, 99], (100, 200), margin=0.1, min_px=8)
+    assert (rows.start, rows.stop, cols.start, cols.stop) == (0, 100, 0, 200)
+
+
+# ---- resolution ----------------------------------------------------------------------------------
+
+
+def test_uncertainty_at_follows_sam_postprocessing(tiny_cfg):
+    sam = build_sum_model(tiny_cfg)  # img_size 128, low-res 32
+    maps = torch.rand(2, 32, 32)
+    ours = uncertainty_at(maps.numpy(), 128, (96, 128), (48, 64))
+    theirs = sam.postprocess_masks(maps[:, None], (96, 128), (48, 64))[:, 0].numpy()
+    assert ours.shape == (2, 48, 64)
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    assert 0.0 <= ours.min() and ours.max() <= 1.0
+
+
+# ---- refinement of pseudo labels and storage -------------------------------------------------
+
+
+def _fake_shard(rng, low=32):
+    """Two images (48x64 and 64x64) with 2 and 3 pseudo labels; logit rows deliberately not in
+    annotation order."""
+    images, rows = [], iter([3, 0, 4, 1, 2])
+    for image_id, (h, w), n in (("7", (48, 64), 2), ("9", (64, 64), 3)):
+        anns = []
+        for k in range(n):
+            x, y = 5 + 6 * k, 4 + 5 * k
+            anns.append(
+                {
+                    "id": int(image_id) * 100 + k + 1,
+                    "bbox": [x, y, 20, 16],
+                    "point_coords": [[x + 10, y + 8]],
+                    "logit_index": next(rows),
+                    "area": 320,
+                }
+            )
+        images.append({"image_id": image_id, "file_name": f"{image_id}.png", "height": h, "width": w, "annotations": anns})
+    logits = rng.normal(0, 3, (5, low, low)).astype(np.float16)
+    return {"shard": 0, "config_hash": "abc", "dataset": "unl", "img_size": 128, "images": images}, logits
+
+
+class _Emb:
+    def __init__(self, features, original_size):
+        self.features, self.original_size = features, original_size
+
+
+def _embeddings(rng, doc):
+    feats = {img["image_id"]: _Emb(torch.as_tensor(rng.normal(0, 1, (1, 32, 8, 8)), dtype=torch.float32), (img["height"], img["width"])) for img in doc["images"]}
+    return feats.__getitem__
+
+
+def test_refine_pseudo_labels_is_aligned_with_the_records(tiny_cfg):
+    torch.manual_seed(0)
+    refiner = RefinementModule.from_sam(build_sum_model(tiny_cfg))
+    rng = np.random.default_rng(0)
+    doc, logits = _fake_shard(rng)
+    embedding_of = _embeddings(rng, doc)
+    r, iou = refine_pseudo_labels(refiner, embedding_of, doc["images"], logits, batch_size=2)
+    assert r.shape == (5, 32, 32) and r.dtype == np.float32 and iou.shape == (5,)
+    for img in doc["images"]:  # each row is its own annotation's refinement, alone
+        for a in img["annotations"]:
+            j = a["logit_index"]
+            r1, _ = refine_image(refiner, embedding_of(img["image_id"]).features, (img["height"], img["width"]), [a], logits[[j]])
+            np.testing.assert_allclose(r[j], r1[0], atol=1e-4)
+    u_q, r16, summary = uncertainty_shard(refiner, embedding_of, doc, logits, batch_size=4)
+    assert u_q.dtype == np.uint8 and u_q.shape == (5, 32, 32) and r16.dtype == np.float16
+    np.testing.assert_allclose(dequantize_u(u_q), uncertainty_map(logits.astype(np.float32), r), atol=1 / 510 + 1e-6)
+    assert [m["id"] for m in summary["images"][1]["masks"]] == [901, 902, 903]
+    assert [m["logit_index"] for m in summary["images"][1]["masks"]] == [4, 1, 2]
+    assert summary["n_masks"] == 5 and summary["pseudo_config_hash"] == "abc"
+
+
+def test_uncertainty_shard_round_trip(tmp_path):
+    rng = np.random.default_rng(2)
+    u = rng.random((4, 32, 32)).astype(np.float32)
+    r = rng.normal(0, 4, (4, 32, 32)).astype(np.float32)
+    summary = {"format": "sum-uncertainty-shard/1", "shard": 3, "n_masks": 4, "images": []}
+    path = write_uncertainty_shard(tmp_path, "unl", 3, quantize_u(u), summary, r)
+    assert path.name == "shard-00003.json" and (tmp_path / "unl" / "shard-00003.npz").is_file()
+    assert not list((tmp_path / "unl").glob("*.tmp"))
+    doc, u_back, r_back = read_uncertainty_shard(tmp_path, "unl", 3)
+    assert doc == summary
+    assert np.abs(u_back - u).max() <= 1 / 510 + 1e-7
+    np.testing.assert_allclose(r_back, r.astype(np.float16).astype(np.float32))
+    with pytest.raises(FileNotFoundError, match="shard-00004.json"):
+        read_uncertainty_shard(tmp_path, "unl", 4)
+    with pytest.raises(ValueError, match="must be uint8"):
+        write_uncertainty_shard(tmp_path, "unl", 5, u, summary)
+
+
+def test_mask_summary_counts_uncertain_pixels_in_the_box():
+    u = np.zeros((32, 32), np.float32)
+    u[0:4, 0:8] = 0.5  # c = 0.5 <= 0.6: uncertain
+    s = np.full((32, 32), -5.0, np.float32)
+    s[0:8, 0:8] = 5.0
+    # a 64x64 image in a 128 frame: 1 low-res pixel = 2 image pixels; box = the 16x16 image corner
+    stats = mask_summary(u, s, s, [0, 0, 15, 15], (64, 64), 128)
+    assert stats["uncertain_fraction_box"] == pytest.approx(0.5)
+    assert stats["mean_u_box"] == pytest.approx(0.25)
+    assert stats["iou_s_r"] == 1.0 and stats["mean_u"] == pytest.approx(0.5 * 32 / 1024)
+
+
+def test_score_image_matches_the_best_gt_and_scores_errors():
+    from sum.data.coco import encode_rle
+
+    size = (32, 32)
+    pseudo = np.zeros(size, bool)
+    pseudo[8:24, 8:20] = True  # misses columns 20..23 of the GT square
+    gt_square = np.zeros(size, bool)
+    gt_square[8:24, 8:24] = True
+    gt_other = np.zeros(size, bool)
+    gt_other[0:4, 0:4] = True
+    img = {"image_id": "1", "height": 32, "width": 32, "annotations": [{"id": 5, "bbox": [8, 8, 11, 15], "segmentation": encode_rle(pseudo)}]}
+    # low-res maps in a 32 frame with img_size 32: identity resolution
+    u = np.zeros((1, 32, 32), np.float32)
+    u[0, 8:24, 20:24] = 0.9  # exactly the error pixels are uncertain
+    s = np.where(pseudo, 5.0, -5.0)[None].astype(np.float32)
+    r = np.where(gt_square, 5.0, -5.0)[None].astype(np.float32)
+    (rec,) = score_image(img, s, u, r, np.stack([gt_other, gt_square]), 32, 0.6, 0.1, 8)
+    assert rec["gt_iou_pseudo"] == pytest.approx(192 / 256)
+    assert rec["gt_iou_refined"] == pytest.approx(1.0, abs=1e-6)
+    assert rec["n_error"] == 64 and rec["auroc"] == 1.0
+    m = summarize([rec])
+    assert m["auroc_mean"] == 1.0 and m["n_masks"] == 1 and m["acc_certain"] == 1.0 and m["acc_uncertain"] == 0.0
+    assert m["miou_refined"] > m["miou_pseudo"]
