@@ -278,19 +278,50 @@ class MethodConfig:
     use_uncertainty_loss: bool = True
     use_uncertainty_sampling: bool = True
     use_task_prompt: bool = True
+    continuous_task_prompt: bool = False  # "SUM Continuous TP" ablation: task prompt in every round (§4.3)
 
 
 @dataclass
 class TrainConfig:
-    """Fine-tuning schedule (spec §7-8)."""
+    """Fine-tuning schedule (spec §7-8), scaled to the embedded CPU default. The paper's recipe:
+    mode full, iterations 6000, batch_size 40, max_masks 30, loss_size 0, warmup_iters 250."""
 
-    mode: str = "decoder"  # full | decoder
-    iterations: int = 200
+    mode: str = "decoder"  # full | decoder (prompt encoder + mask decoder + task prompt; cached embeddings)
+    iterations: int = 12
     lr: float = 1e-5
-    weight_decay: float = 0.1
-    layer_decay: float = 0.8
+    weight_decay: float = 0.1  # A2
+    layer_decay: float = 0.8  # §8.1
     rounds: int = 7
     seed: int = 0
+    batch_size: int = 2  # global images per step
+    unlabeled_fraction: float = 0.5  # 1:1 labeled:unlabeled (A1)
+    max_masks: int = 4  # per image
+    loss_size: int = 256  # 0 = model img_size (spec A10); 256 = SAM's low-res frame, for CPU
+    warmup_iters: int = 0  # A2 (SAM: 250)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 0.0  # off
+    box_probability: float = 0.5
+    jitter: str = "sum_code"  # §6.1 D2: sum_code | sam_paper
+    dice_threshold: float = 0.6  # θ, §5.4
+    checkpoint_every: int = 50
+    log_every: int = 1
+    run_dir: str = "runs/finetune"  # resumable state
+    model_dir: str = "models"  # <model_dir>/<method>.pt
+    metrics_dir: str = "metrics/finetune"  # <metrics_dir>/<method>.json
+    pseudo_dir: str = "data/pseudo"
+    uncertainty_dir: str = "data/uncertainty"
+    pseudo_min_ratio: float = 100.0  # §3.5
+    pseudo_max_ratio: float = 0.95
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: the tracking URI from here, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
+
+    enabled: bool = True
+    uri: Optional[str] = None
+    experiment: str = "sum"
+    system_metrics: bool = True
 
 
 @dataclass
@@ -324,6 +355,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def register_configs() -> None:

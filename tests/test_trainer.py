@@ -1,0 +1,455 @@
+"""The trainer (spec §5-§9): DDP equivalence, exact resume, decoder/full modes with layer decay,
+task prompts, the Vanilla and HQ-only baselines. Tiny model (128 px), tiny procedural data."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import sum.config as sc
+from sum.data.dataset import CocoDataset, Sample
+from sum.model.predictor import ImageEmbedding
+from sum.train import trainer as tr
+from sum.train.data import LABELED, UNLABELED, Pool
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Fields the trainer reads beyond today's sum/config.py (the report proposes them); test values.
+TRAIN_FIELDS: dict[str, Any] = dict(
+    batch_size=4,
+    unlabeled_fraction=0.5,
+    max_masks=3,
+    loss_size=0,
+    warmup_iters=0,
+    betas=[0.9, 0.999],
+    grad_clip=0.0,
+    box_probability=0.5,
+    jitter="sum_code",
+    dice_threshold=0.6,
+    checkpoint_every=50,
+    log_every=1,
+    run_dir="runs/finetune",
+    model_dir="models",
+    metrics_dir="metrics/finetune",
+    pseudo_dir="data/pseudo",
+    uncertainty_dir="data/uncertainty",
+    pseudo_min_ratio=100.0,
+    pseudo_max_ratio=0.95,
+)
+METHOD_FIELDS: dict[str, Any] = dict(continuous_task_prompt=False)
+
+
+def _extend(cls, fields: dict):
+    """``cls`` with the fields it lacks (a no-op once config.py has them)."""
+    have = {f.name for f in dataclasses.fields(cls)}
+    missing = [
+        (k, Any, dataclasses.field(default_factory=lambda v=v: copy.deepcopy(v)) if not isinstance(v, (int, float, str, type(None))) else dataclasses.field(default=v))
+        for k, v in fields.items()
+        if k not in have
+    ]
+    return dataclasses.make_dataclass(cls.__name__, missing, bases=(cls,)) if missing else cls
+
+
+@dataclasses.dataclass
+class _Tracking:
+    enabled: bool = False
+    uri: Any = None
+    experiment: str = "sum-test"
+    system_metrics: bool = False
+
+
+@dataclasses.dataclass
+class _Embed:
+    out_dir: str = "data/embeddings"
+
+
+TrainX = _extend(sc.TrainConfig, TRAIN_FIELDS)
+MethodX = _extend(sc.MethodConfig, METHOD_FIELDS)
+ConfigX = _extend(
+    sc.Config,
+    {"tracking": getattr(sc, "TrackingConfig", _Tracking)(), "embed": _Embed()},
+)
+
+
+def tiny_model_cfg() -> sc.ModelConfig:
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.load(REPO / "params" / "model" / "tiny.yaml")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(sc.ModelConfig), raw))
+    cfg.device = "cpu"
+    return cfg
+
+
+def method(name: str):
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(REPO / "params" / "method" / f"{name}.yaml"))
+    return MethodX(**raw)
+
+
+def make_cfg(root: Path, method_name: str = "sum", **train) -> Any:
+    t = TrainX(**{**TRAIN_FIELDS, "iterations": 3, "lr": 1e-3, "mode": "decoder", "seed": 3, **train})
+    for k in ("run_dir", "model_dir", "metrics_dir"):
+        setattr(t, k, str(root / getattr(t, k)))
+    cfg = ConfigX(model=tiny_model_cfg(), method=method(method_name), train=t)
+    cfg.tracking = dataclasses.replace(cfg.tracking, enabled=False) if dataclasses.is_dataclass(cfg.tracking) else cfg.tracking
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops on a shared 2-core machine: one intra-op thread is ~10x faster than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+class WithUncertainty:
+    """A labeled set read as pseudo labels: task 0 and a hand-made u (high on the left half)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        s = self.ds[i]
+        u = np.zeros(s.masks.shape, np.float32)
+        u[:, :, : s.masks.shape[2] // 2] = 0.7
+        return Sample(s.image_id, s.image, s.masks, s.boxes, s.ann_ids, 0, s.path, u)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from sum.data.synthetic import generate_set
+
+    out = tmp_path_factory.mktemp("world")
+    sets = {
+        "hq": ("salient", 4),
+        "ent": ("entity", 2),
+        "part": ("part", 2),
+        "pool": ("entity", 4),
+    }
+    data = {}
+    for name, (task, n) in sets.items():
+        folder = generate_set(out, name, sc.WorldSetConfig(task=task, role="labeled", n_images=n, seed=1 + len(data)), image_size=128, workers=1)
+        data[name] = CocoDataset(folder / "images", folder / "annotations.json", task=task, name=name)
+    return data
+
+
+def pools_of(world, labeled=("hq",), unlabeled=("pool",)):
+    return {
+        LABELED: Pool(LABELED, [(n, world[n]) for n in labeled]),
+        UNLABELED: Pool(UNLABELED, [(n, WithUncertainty(world[n])) for n in unlabeled]),
+    }
+
+
+class MemoryEmbeddings:
+    """The embedding cache's ``load`` over embeddings computed here with the initial encoder."""
+
+    def __init__(self, cfg, world):
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        from sum.model.checkpoint import build_model
+
+        torch.manual_seed(cfg.train.seed)
+        sam = build_model(cfg.model)
+        self.store = {}
+        size = sam.image_encoder.img_size
+        for name, ds in world.items():
+            for i in range(len(ds)):
+                s = ds[i]
+                img = ResizeLongestSide(size).apply_image(s.image)
+                x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+                with torch.no_grad():
+                    f = sam.image_encoder(sam.preprocess(x))
+                self.store[(name, s.image_id)] = ImageEmbedding(f, s.image.shape[:2], img.shape[:2])
+        self.calls = 0
+
+    def load(self, dataset, image_id):
+        self.calls += 1
+        return self.store[(dataset, str(image_id))]
+
+
+@pytest.fixture(scope="module")
+def embeddings(world, tmp_path_factory):
+    return MemoryEmbeddings(make_cfg(tmp_path_factory.mktemp("e")), world)
+
+
+def load_state(path):
+    from sum.model.checkpoint import read_checkpoint
+
+    return read_checkpoint(path).state_dict
+
+
+# ---- DDP -------------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, root: str, data_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    data = {n: CocoDataset(Path(data_dir) / n / "images", Path(data_dir) / n / "annotations.json", name=n) for n in ("hq", "pool")}
+    cfg = make_cfg(Path(root), mode="full", iterations=3)
+    tr.finetune(cfg, pools=pools_of(data))
+
+
+def without_key_bias(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Drop attention key biases: softmax ignores a shift shared by a row, so their gradient is 0
+    analytically and rounding noise numerically, which Adam scales up to ±lr per step."""
+    t = t.float()
+    if name.endswith("k_proj.bias"):
+        return t[:0]
+    if name.endswith("qkv.bias"):
+        d = t.numel() // 3
+        return torch.cat([t[:d], t[2 * d :]])
+    return t
+
+
+def test_ddp_two_processes_match_one_process(world, tmp_path):
+    """2 CPU processes (gloo) with 2 images each = 1 process with the global batch of 4 (1e-5)."""
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    data_dir = Path(world["hq"].images_dir).parent.parent
+    torch.set_num_threads(1)
+    cfg = make_cfg(tmp_path / "one", mode="full", iterations=3)
+    one = tr.finetune(cfg, pools=pools_of(world))
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "two"), str(data_dir)), nprocs=2, join=True)
+    a = load_state(tmp_path / "one" / "models" / "sum.pt")
+    b = load_state(tmp_path / "two" / "models" / "sum.pt")
+    diffs = {k: (without_key_bias(k, a[k]) - without_key_bias(k, b[k])).abs().amax(dim=0).max().item() for k in a if without_key_bias(k, a[k]).numel()}
+    assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    two = json.loads((tmp_path / "two" / "metrics" / "finetune" / "sum.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert abs(two["final_loss"] - one["final_loss"]) < 1e-5
+    # full mode trained the encoder too
+    torch.manual_seed(cfg.train.seed)
+    from sum.model.checkpoint import build_model
+
+    init = build_model(cfg.model).state_dict()
+    assert not torch.equal(init["image_encoder.blocks.0.attn.qkv.weight"], a["image_encoder.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(init["image_encoder.patch_embed.proj.weight"], a["image_encoder.patch_embed.proj.weight"])
+
+
+# ---- resume ----------------------------------------------------------------------------------
+
+
+def test_sigterm_saves_and_resume_is_exact(world, embeddings, tmp_path):
+    """SIGTERM during step 3 (sent after step 2): step 3 finishes, the state is saved, the run
+    stops; resuming to 4 gives the loss and weights of an uninterrupted run, bit for bit."""
+    straight = tr.finetune(make_cfg(tmp_path / "a", iterations=4), pools=pools_of(world), embeddings=embeddings)
+
+    def kill_at_2(step, metrics):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = make_cfg(tmp_path / "b", iterations=4)
+    with pytest.raises(tr.TrainingStopped) as stopped:
+        tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings, on_step=kill_at_2)
+    assert stopped.value.step == 3
+    state = torch.load(stopped.value.state_path, weights_only=True)
+    assert state["step"] == 3 and {"model", "optimizer", "scheduler", "rng"} <= set(state)
+    assert not (tmp_path / "b" / "models" / "sum.pt").exists()  # no final model from a stopped run
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+
+    resumed = tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings)
+    assert resumed["resumed_from_step"] == 3 and resumed["steps"] == 4
+    assert resumed["final_loss"] == straight["final_loss"]
+    a = load_state(tmp_path / "a" / "models" / "sum.pt")
+    b = load_state(tmp_path / "b" / "models" / "sum.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # a state made under another config is not resumed
+    other = tr.finetune(make_cfg(tmp_path / "b", iterations=4, lr=5e-4), pools=pools_of(world), embeddings=embeddings)
+    assert other["resumed_from_step"] == 0
+
+
+# ---- modes -----------------------------------------------------------------------------------
+
+
+def test_decoder_mode_never_runs_encoder_and_leaves_it_untouched(world, embeddings, tmp_path, monkeypatch):
+    from segment_anything.modeling import ImageEncoderViT
+
+    from sum.model.checkpoint import build_model
+
+    def boom(self, x):
+        raise AssertionError("image encoder called in decoder mode")
+
+    monkeypatch.setattr(ImageEncoderViT, "forward", boom)
+    cfg = make_cfg(tmp_path, iterations=2)
+    calls = embeddings.calls
+    tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings)
+    assert embeddings.calls - calls == 2 * cfg.train.batch_size
+    torch.manual_seed(cfg.train.seed)
+    init = build_model(cfg.model).state_dict()
+    final = load_state(tmp_path / "models" / "sum.pt")
+    assert all(torch.equal(init[k], final[k]) for k in init if k.startswith("image_encoder."))
+    assert not torch.equal(init["mask_decoder.iou_prediction_head.layers.0.weight"], final["mask_decoder.iou_prediction_head.layers.0.weight"])
+    assert not torch.equal(init["prompt_encoder.point_embeddings.1.weight"], final["prompt_encoder.point_embeddings.1.weight"])
+
+
+def test_full_mode_layer_decay_matches_the_formula():
+    """Spec §8.1: block b of L at lr·0.8^(L−b), patch/pos embedding lr·0.8^(L+1), neck, prompt
+    encoder, decoder, task prompts at lr; id 0 frozen; checked by hand for ViT and TinyViT."""
+    from sum.model.build import build_sum_model
+    from sum.train.optim import build_optimizer, build_scheduler, group_lrs, set_trainable
+
+    sam = build_sum_model(tiny_model_cfg())  # ViT, L = 2
+    set_trainable(sam, "full")
+    lr = 1e-5
+    opt = build_optimizer(sam, mode="full", lr=lr, weight_decay=0.1, layer_decay=0.8)
+    lrs = group_lrs(opt)
+    expected = {
+        "image_encoder.pos_embed": lr * 0.8**3,
+        "image_encoder.patch_embed.proj.weight": lr * 0.8**3,
+        "image_encoder.blocks.0.attn.qkv.weight": lr * 0.8**2,
+        "image_encoder.blocks.0.norm1.bias": lr * 0.8**2,
+        "image_encoder.blocks.1.mlp.lin2.weight": lr * 0.8**1,
+        "image_encoder.neck.0.weight": lr,
+        "mask_decoder.output_upscaling.0.weight": lr,
+        "prompt_encoder.point_embeddings.0.weight": lr,
+        "prompt_encoder.task_prompt_embedding.1.weight": lr,
+    }
+    for name, value in expected.items():
+        assert lrs[name] == pytest.approx(value, rel=1e-12), name
+    assert "prompt_encoder.task_prompt_embedding.0.weight" not in lrs  # frozen zero token
+    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups if any(n.endswith(".bias") for n in g["names"]))
+    # the scheduler multiplies each group's own lr; warm-up is linear
+    warm = build_scheduler(build_optimizer(sam, mode="full", lr=lr, weight_decay=0.1, layer_decay=0.8), warmup_iters=4)
+    first = group_lrs(warm.optimizer)
+    assert first["image_encoder.blocks.0.attn.qkv.weight"] == pytest.approx(lr * 0.8**2 / 4)
+    # decoder mode: no encoder parameter trains
+    set_trainable(sam, "decoder")
+    lrs = group_lrs(build_optimizer(sam, mode="decoder", lr=lr, weight_decay=0.1, layer_decay=0.8))
+    assert not any(n.startswith("image_encoder.") for n in lrs) and set(lrs.values()) == {lr}
+
+    # MobileSAM's TinyViT, depths [2, 2, 6, 2]: L = 12 blocks numbered across stages
+    from conftest import model_config
+
+    mobile = build_sum_model(model_config("mobile_sam"))
+    set_trainable(mobile, "full")
+    lrs = group_lrs(build_optimizer(mobile, mode="full", lr=lr, weight_decay=0.1, layer_decay=0.8))
+    assert lrs["image_encoder.patch_embed.seq.0.c.weight"] == pytest.approx(lr * 0.8**13)
+    assert lrs["image_encoder.layers.0.blocks.0.conv1.c.weight"] == pytest.approx(lr * 0.8**12)
+    assert lrs["image_encoder.layers.0.downsample.conv1.c.weight"] == pytest.approx(lr * 0.8**11)  # with block 1
+    assert lrs["image_encoder.layers.1.blocks.0.attn.qkv.weight"] == pytest.approx(lr * 0.8**10)  # block 2
+    assert lrs["image_encoder.layers.3.blocks.1.mlp.fc1.weight"] == pytest.approx(lr * 0.8**1)  # block 11
+    assert lrs["image_encoder.neck.0.weight"] == pytest.approx(lr)
+
+
+# ---- methods ---------------------------------------------------------------------------------
+
+
+def test_task_prompts_train_per_task_and_id_0_never(world, embeddings, tmp_path):
+    """SUM: ids 1-3 move after training on labeled salient/entity/part data; id 0 stays zero even
+    though pseudo labels (task 0) are in every batch."""
+    cfg = make_cfg(tmp_path, iterations=3, batch_size=4, unlabeled_fraction=0.25)
+    tr.finetune(cfg, pools=pools_of(world, labeled=("hq", "ent", "part")), embeddings=embeddings)
+    final = load_state(tmp_path / "models" / "sum.pt")
+    emb = [final[f"prompt_encoder.task_prompt_embedding.{i}.weight"] for i in range(4)]
+    assert torch.count_nonzero(emb[0]) == 0
+    assert all(torch.count_nonzero(e) > 0 for e in emb[1:])
+
+
+class Spy:
+    def __init__(self, monkeypatch):
+        self.losses, self.tasks, self.clicks, self.items = [], [], [], []
+        loss, round_, first, error, rounds = tr.combined_loss, tr.prompt_round, tr.sample_first_points, tr.sample_error_clicks, tr.interactive_rounds
+
+        def combined_loss(*a, **k):
+            self.losses.append(a[3] if len(a) > 3 else k.get("certainty_n1hw"))
+            return loss(*a, **k)
+
+        def prompt_round(sam, f, prompts, mask_input, task_prompt, multimask):
+            self.tasks.append(task_prompt)
+            return round_(sam, f, prompts, mask_input, task_prompt, multimask)
+
+        def clicks(fn):
+            def wrapped(*a, **k):
+                c = a[1] if fn is first and len(a) > 1 else (a[2] if len(a) > 2 else None)
+                self.clicks.append(c)
+                return fn(*a, **k)
+
+            return wrapped
+
+        def interactive_rounds(sam, f, item, g, schedule, opts, backward=None):
+            self.items.append(item)
+            return rounds(sam, f, item, g, schedule, opts, backward=backward)
+
+        monkeypatch.setattr(tr, "combined_loss", combined_loss)
+        monkeypatch.setattr(tr, "prompt_round", prompt_round)
+        monkeypatch.setattr(tr, "sample_first_points", clicks(first))
+        monkeypatch.setattr(tr, "sample_error_clicks", clicks(error))
+        monkeypatch.setattr(tr, "interactive_rounds", interactive_rounds)
+
+
+def test_sum_uses_certainty_and_task_prompt_in_round_1_only(world, embeddings, tmp_path, monkeypatch):
+    spy = Spy(monkeypatch)
+    tr.finetune(make_cfg(tmp_path, iterations=1, batch_size=2), pools=pools_of(world), embeddings=embeddings)
+    kinds = [it.is_pseudo for it in spy.items]
+    assert kinds == [False, True]  # 1:1 mixing
+    assert spy.tasks[:7] == [1, 0, 0, 0, 0, 0, 0]  # salient image: its task in round 1 only
+    assert spy.tasks[7:] == [0] * 7  # pseudo labels: task 0
+    assert all(c is None for c in spy.losses[:7]) and all(c is not None for c in spy.losses[7:])
+    assert any(c is not None for c in spy.clicks)
+    assert spy.items[1].certainty_k1hw.min() == pytest.approx(0.3)  # c = 1 - u
+
+
+def test_vanilla_takes_pseudo_labels_as_gt_without_task_prompt(world, embeddings, tmp_path, monkeypatch):
+    spy = Spy(monkeypatch)
+    tr.finetune(make_cfg(tmp_path, "vanilla", iterations=1, batch_size=2), pools=pools_of(world), embeddings=embeddings)
+    assert [it.is_pseudo for it in spy.items] == [False, True]
+    assert set(spy.tasks) == {0}
+    assert all(c is None for c in spy.losses) and all(c is None for c in spy.clicks)
+    final = load_state(tmp_path / "models" / "vanilla.pt")
+    assert all(torch.count_nonzero(final[f"prompt_encoder.task_prompt_embedding.{i}.weight"]) == 0 for i in range(4))
+
+
+def test_hq_only_never_reads_pseudo_labels(world, embeddings, tmp_path, monkeypatch):
+    spy = Spy(monkeypatch)
+    out = tr.finetune(make_cfg(tmp_path, "hq_only", iterations=1, batch_size=2), pools=pools_of(world), embeddings=embeddings)
+    assert [it.is_pseudo for it in spy.items] == [False, False] and out["unlabeled_per_step"] == 0
+    assert set(spy.tasks) == {0}
+
+
+def test_metrics_json_and_sum_checkpoint(world, embeddings, tmp_path):
+    from sum.model.checkpoint import load_sum_checkpoint
+
+    out = tr.finetune(make_cfg(tmp_path, iterations=2), pools=pools_of(world), embeddings=embeddings)
+    saved = json.loads((tmp_path / "metrics" / "finetune" / "sum.json").read_text())
+    assert saved["steps"] == out["steps"] == 2 and saved["final_loss"] == out["final_loss"]
+    assert {"final_loss", "samples_per_s", "wall_s", "steps"} <= set(saved)
+    assert np.isfinite(saved["final_loss"]) and saved["samples_per_s"] > 0
+    model, mcfg = load_sum_checkpoint(tmp_path / "models" / "sum.pt")
+    assert mcfg.img_size == 128
+
+
+def test_batches_are_deterministic_and_split_across_ranks():
+    from sum.train.data import global_batch, rank_slots, split_batch
+
+    n_lab, n_unl = split_batch(40, 0.5, True)
+    assert (n_lab, n_unl) == (20, 20)  # spec A1: 20 labeled + 20 unlabeled
+    sizes = {LABELED: 7, UNLABELED: 5}
+    a = global_batch(3, 4, 2, sizes, seed=0)
+    assert a == global_batch(3, 4, 2, sizes, seed=0)
+    assert [s.kind for s in a] == [LABELED, LABELED, UNLABELED, UNLABELED]
+    shares = [rank_slots(a, r, 2) for r in range(2)]
+    assert sorted(s.slot for sh in shares for s in sh) == [0, 1, 2, 3]
+    # one epoch of a pool visits every image once
+    seen = [s.index for t in range(7) for s in global_batch(t, 4, 2, sizes, seed=0)[:2]]
+    assert sorted(seen[:7]) == list(range(7))
