@@ -197,3 +197,24 @@ def test_default_world_config():
     assert roles["unlabeled"][0] == "unlabeled"
     assert roles["bench_shift"] == ("benchmark", "salient", "shift")
     assert {roles[f"bench_{t}"][1] for t in ("salient", "entity", "part")} == {"salient", "entity", "part"}
+
+
+def test_generation_with_other_threads_running_does_not_deadlock(tmp_path):
+    """A process with live threads (a test harness, a Dask client) must not fork workers: forked
+    children can inherit a held lock and hang. Output equals the single-threaded run's."""
+    import threading
+
+    from sum.config import WorldSetConfig
+    from sum.data.synthetic import generate_set
+
+    cfg = WorldSetConfig(task="part", role="benchmark", n_images=8, seed=7)
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, daemon=True)
+    t.start()
+    try:
+        a = generate_set(tmp_path / "a", "s", cfg, image_size=96, workers=2)
+    finally:
+        stop.set()
+        t.join()
+    b = generate_set(tmp_path / "b", "s", cfg, image_size=96, workers=1)
+    assert (a / "annotations.json").read_bytes() == (b / "annotations.json").read_bytes()

@@ -85,14 +85,18 @@ def _image_job(job: _Job) -> dict:
 
 
 def _map(jobs: Sequence[_Job], workers: int) -> List[dict]:
-    if workers <= 1 or len(jobs) < 8:
-        return [_image_job(j) for j in jobs]
     import multiprocessing as mp
+    import threading
 
-    # fork needs no `if __name__ == "__main__"` guard in the caller's script; workers keep cv2
-    # single-threaded so that no thread pool copied from the parent is used after the fork
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method), initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+    # Forking a process that runs other threads (a server, a Dask client, a test harness) can copy
+    # a lock one of them holds and deadlock the children, and spawn would need an
+    # `if __name__ == "__main__"` guard in every caller's script: so fork only a single-threaded
+    # process, else render here (about 0.1 s an image). Workers keep cv2 single-threaded.
+    forkable = threading.active_count() == 1 and "fork" in mp.get_all_start_methods()
+    if workers <= 1 or len(jobs) < 8 or not forkable:
+        return [_image_job(j) for j in jobs]
+    ctx = mp.get_context("fork")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
         return list(pool.map(_image_job, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
 
 
