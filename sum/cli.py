@@ -93,6 +93,12 @@ def cmd_uncertainty_report(cfg: Config, args: argparse.Namespace) -> None:
     run_uncertainty_report(cfg)
 
 
+def cmd_finetune(cfg: Config, args: argparse.Namespace) -> None:
+    from sum.train.trainer import finetune
+
+    finetune(cfg)
+
+
 def cmd_validate(cfg: Config, args: argparse.Namespace) -> None:
     from sum.data.validate import validate_config
 
@@ -127,6 +133,7 @@ STAGES: dict[str, Callable[[Config, argparse.Namespace], None]] = {
     "refine": cmd_refine,
     "uncertainty": cmd_uncertainty,
     "uncertainty-report": cmd_uncertainty_report,
+    "finetune": cmd_finetune,
     "demo": cmd_demo,
     "export-sam": cmd_export_sam,
 }
