@@ -259,3 +259,19 @@ def resolve_local(
     if dest.is_file() and sha256 and sha256_file(dest).lower() == sha256.lower():
         return dest
     return fetch(uri, dest, sha256=sha256, s3=s3)
+
+
+def atomic_torch_save(obj, dest: str | os.PathLike) -> Path:
+    """``torch.save`` to ``dest`` atomically, with bytes that depend only on ``obj``.
+
+    ``torch.save`` to a path names the zip archive's inner folder after the file, so saving to a
+    random temporary name made every run's bytes (and DVC hashes) differ; a buffer gets a fixed name.
+    """
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(dest, buf.getvalue())
+    return Path(dest)

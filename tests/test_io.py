@@ -187,3 +187,17 @@ def test_s3_options_repr_hides_keys():
     for text in (repr(opts), str(opts), f"{opts}", f"{opts!r}"):
         assert "AKIAHIDDEN" not in text and "s3cr3t" not in text
         assert "127.0.0.1:9000" in text
+
+
+def test_atomic_torch_save_bytes_depend_only_on_the_object(tmp_path):
+    """DVC hashes outputs: the same object saved twice (to different names) gives the same bytes."""
+    import torch
+
+    from sum.io import atomic_torch_save
+
+    obj = {"w": torch.arange(6, dtype=torch.float16).reshape(2, 3), "meta": {"a": 1}}
+    a = atomic_torch_save(obj, tmp_path / "a.pt")
+    b = atomic_torch_save(obj, tmp_path / "sub" / "b.pt")
+    assert a.read_bytes() == b.read_bytes()
+    assert torch.equal(torch.load(a, weights_only=True)["w"], obj["w"])
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["a.pt", "b.pt"]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
 from sum.config import AcquireConfig, DataConfig, SourceConfig

@@ -29,7 +29,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 from sum.config import ModelConfig
-from sum.io import S3Options, atomic_path, display_uri, resolve_local
+from sum.io import S3Options, display_uri, resolve_local, atomic_torch_save
 from sum.model.build import build_sum_model, task_prompt_keys
 
 log = logging.getLogger(__name__)
@@ -344,8 +344,7 @@ def save_sum_checkpoint(
         "meta": meta,
     }
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    atomic_torch_save(obj, path)
     log.info("saved SUM checkpoint %s (%d tensors)", path, len(state_dict))
     return path
 
@@ -422,8 +421,7 @@ def export_sam(
                 nonzero,
             )
     out_path = Path(out_path)
-    with atomic_path(out_path) as tmp:
-        torch.save(sam_sd, tmp)
+    atomic_torch_save(sam_sd, out_path)
     log.info("exported %s to %s (%d tensors)", ckpt.source, out_path, len(sam_sd))
     return out_path
 

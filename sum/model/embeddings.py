@@ -27,13 +27,12 @@ import logging
 import os
 import time
 import urllib.parse
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from sum.io import atomic_path, atomic_write_text, sha256_file
+from sum.io import atomic_write_text, sha256_file, atomic_torch_save
 from sum.model.predictor import EMBEDDING_FORMAT, ImageEmbedding, SumPredictor
 
 log = logging.getLogger(__name__)
@@ -177,8 +176,7 @@ def embed_datasets(
                     "fingerprint": fingerprint,
                     "image_sha256": digest,
                 }
-                with atomic_path(path) as tmp:
-                    torch.save(record, tmp)
+                atomic_torch_save(record, path)
                 images[image_id] = _entry(path, record)
                 encoded += 1
             bar.update(1)

@@ -27,7 +27,7 @@ import torch
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from sum.io import atomic_path
+from sum.io import atomic_torch_save
 
 EMBEDDING_FORMAT = "sum-image-embedding/1"
 
@@ -171,8 +171,7 @@ class SumPredictor:
             "fingerprint": emb.fingerprint,
         }
         path = Path(path)
-        with atomic_path(path) as tmp:
-            torch.save(record, tmp)
+        atomic_torch_save(record, path)
         return path
 
     def load_embedding(self, path: str | os.PathLike) -> ImageEmbedding:

@@ -67,7 +67,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from sum.io import atomic_path, atomic_write_text
+from sum.io import atomic_write_text, atomic_torch_save
 from sum.train.data import (
     LABELED,
     UNLABELED,
@@ -560,8 +560,7 @@ def save_train_state(path: Path, *, sam, optimizer, scheduler, step: int, key: s
         "history": list(history),
         "mlflow_run_id": run_id,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    atomic_torch_save(state, path)
     log.info("saved training state %s (step %d)", path, step)
 
 

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 

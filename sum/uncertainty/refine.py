@@ -43,7 +43,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 import os
 import time
 from collections import OrderedDict, defaultdict
@@ -58,7 +57,7 @@ from segment_anything.utils.amg import batched_mask_to_box, calculate_stability_
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
-from sum.io import atomic_path
+from sum.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -425,7 +424,9 @@ def save_refiner(
 
     stored = config_to_dict(model_config)
     stored.update(checkpoint=None, checkpoint_sha256=None)
-    meta = {"metrics": dict(metrics or {}), "refine_config": dataclasses.asdict(refine_config) if refine_config else {}}
+    # wall times are logged, not stored: the checkpoint's bytes (its DVC hash) must not depend on load
+    kept = {k: v for k, v in (metrics or {}).items() if not k.startswith("seconds")}
+    meta = {"metrics": kept, "refine_config": dataclasses.asdict(refine_config) if refine_config else {}}
     _check_plain(meta, "meta")
     _check_plain(stored, "model_config")
     obj = {
@@ -436,8 +437,7 @@ def save_refiner(
         "meta": meta,
     }
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    atomic_torch_save(obj, path)
     return path
 
 
