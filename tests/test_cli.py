@@ -4,36 +4,11 @@ import subprocess
 import sys
 
 import torch
-from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from sum.model.build import build_image_encoder, build_sum_model
+from sum.model.build import build_sum_model
 from sum.model.checkpoint import save_sum_checkpoint
 
-
-def _stock_tiny_sam(cfg) -> Sam:
-    """The tiny architecture built from segment_anything's own classes only (no task prompt)."""
-    emb = cfg.img_size // cfg.patch_size
-    return Sam(
-        image_encoder=build_image_encoder(cfg),
-        prompt_encoder=PromptEncoder(
-            embed_dim=cfg.prompt_embed_dim,
-            image_embedding_size=(emb, emb),
-            input_image_size=(cfg.img_size, cfg.img_size),
-            mask_in_chans=cfg.mask_in_chans,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=cfg.num_multimask_outputs,
-            transformer=TwoWayTransformer(
-                depth=cfg.decoder_depth,
-                embedding_dim=cfg.prompt_embed_dim,
-                mlp_dim=cfg.decoder_mlp_dim,
-                num_heads=cfg.decoder_num_heads,
-            ),
-            transformer_dim=cfg.prompt_embed_dim,
-            iou_head_depth=cfg.iou_head_depth,
-            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
-        ),
-    )
+from conftest import stock_sam
 
 
 def test_export_sam_cli_writes_a_stock_sam_state_dict(tmp_path, tiny_cfg):
@@ -52,7 +27,7 @@ def test_export_sam_cli_writes_a_stock_sam_state_dict(tmp_path, tiny_cfg):
     assert r.returncode == 0, r.stderr
     state = torch.load(out, map_location="cpu", weights_only=True)
     assert not any("task_prompt" in k for k in state)
-    stock = _stock_tiny_sam(tiny_cfg)
+    stock = stock_sam(tiny_cfg)
     stock.load_state_dict(state, strict=True)
     for k, v in stock.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k

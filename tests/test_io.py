@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
-import threading
 
 import pytest
 
@@ -14,26 +11,6 @@ from sum.io import FetchError, S3Options, atomic_path, display_uri, fetch, resol
 DATA = b"segment anything, uncertainty-aware\n" * 100
 SHA = hashlib.sha256(DATA).hexdigest()
 BAD_SHA = "0" * 64
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
-@pytest.fixture()
-def http_root(tmp_path):
-    """A folder served over HTTP on 127.0.0.1; yields (folder, base URL)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root))
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 def _only(dest_dir) -> list[str]:
