@@ -131,6 +131,74 @@ def _fake_image(rng, image_id="a", n_pairs=4, size=(48, 64)):
     )
 
 
+def _prompt_batch(rng, b=5, img_size=128, low=32):
+    pts = torch.as_tensor(rng.uniform(0, img_size, (b, 1, 2)), dtype=torch.float32)
+    xy0 = rng.uniform(0, img_size / 2, (b, 2))
+    boxes = torch.as_tensor(np.concatenate([xy0, xy0 + rng.uniform(8, img_size / 2, (b, 2))], 1), dtype=torch.float32)
+    masks = torch.as_tensor(rng.normal(0, 4, (b, 1, low, low)), dtype=torch.float32)
+    return pts, torch.ones(b, 1, dtype=torch.int), boxes, masks
+
+
+def test_folded_decoder_is_sams_decoder_forward_and_backward(tiny_cfg):
+    folded = _tiny_refiner(tiny_cfg)
+    plain = RefinementModule(folded.prompt_encoder, folded.mask_decoder, folded.img_size, folded=False)
+    assert folded.folded and not plain.folded
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        folded.mask_decoder.mask_tokens.weight.normal_()  # away from any symmetric initialisation
+    feats = torch.as_tensor(rng.normal(0, 1, (1, 32, 8, 8)), dtype=torch.float32)
+    prompts = _prompt_batch(rng)
+    r_f, iou_f = folded(feats, *prompts)
+    r_p, iou_p = plain(feats, *prompts)
+    assert r_f.shape == r_p.shape == (5, 1, 32, 32) and iou_f.shape == iou_p.shape == (5, 1)
+    torch.testing.assert_close(r_f, r_p, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(iou_f, iou_p, atol=1e-5, rtol=1e-4)
+    grads = []
+    for module, (r, iou) in ((folded, (r_f, iou_f)), (plain, (r_p, iou_p))):
+        module.zero_grad()
+        (torch.sigmoid(r).square().mean() + iou.square().mean()).backward()
+        grads.append({k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None})
+    for k, g in grads[1].items():
+        if k.endswith("k_proj.bias"):
+            continue  # mathematically zero (a key bias cancels in the softmax): rounding noise only
+        g_f = grads[0].get(k, torch.zeros_like(g))  # multimask-only parts get no gradient at all
+        torch.testing.assert_close(g_f, g, atol=1e-5 + 1e-3 * float(g.abs().max()), rtol=1e-3, msg=k)
+
+
+def test_one_call_for_pairs_of_several_images_equals_one_call_per_image(tiny_cfg):
+    from sum.uncertainty.refine import _forward_groups
+
+    refiner = _tiny_refiner(tiny_cfg).eval()
+    rng = np.random.default_rng(3)
+    groups = [(d, d.pairs[:k]) for d, k in ((_fake_image(rng, "a"), 3), (_fake_image(rng, "b", size=(64, 48)), 2))]
+    with torch.no_grad():
+        together = _forward_groups(refiner, groups)
+        alone = [_forward_groups(refiner, [g])[0] for g in groups]
+    for (r_t, iou_t), (r_a, iou_a) in zip(together, alone):
+        torch.testing.assert_close(r_t, r_a, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(iou_t, iou_a, atol=1e-6, rtol=1e-5)
+
+
+def test_point_predictor_gives_sams_three_outputs(tiny_cfg):
+    from sum.model.predictor import SumPredictor
+    from sum.uncertainty.refine import PointPredictor
+
+    torch.manual_seed(0)
+    sam = build_sum_model(tiny_cfg).eval()
+    predictor = SumPredictor(sam)
+    image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    predictor.set_image(image)
+    coords = predictor.transform.apply_coords_torch(torch.tensor([[[10.0, 20.0]], [[40.0, 5.0]], [[63.0, 47.0]]]), (48, 64))
+    labels = torch.ones(3, 1, dtype=torch.int)
+    ours = PointPredictor(predictor).predict_torch(coords, labels)
+    theirs = predictor.predict_torch(coords, labels, multimask_output=True, return_logits=True)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="one positive point"):
+        PointPredictor(predictor).predict_torch(coords, torch.zeros(3, 1, dtype=torch.int))
+
+
 def test_training_decreases_the_loss_on_a_fixed_batch(tiny_cfg):
     refiner = _tiny_refiner(tiny_cfg)
     rng = np.random.default_rng(0)
@@ -140,11 +208,65 @@ def test_training_decreases_the_loss_on_a_fixed_batch(tiny_cfg):
     batch = [(d, p) for d in data for p in d.pairs]
     with torch.no_grad():
         before = float(batch_loss(refiner, batch, targets, 32)["loss"])
-    history = train_refiner(refiner, data, cfg)
+    history, curve = train_refiner(refiner, data, cfg)
     with torch.no_grad():
         after = float(batch_loss(refiner, batch, targets, 32)["loss"])
-    assert len(history) == 8 and np.isfinite(before)
+    assert len(history) == 8 and curve == [] and np.isfinite(before)
     assert after < 0.8 * before, (before, after)
+
+
+def test_bf16_training_decreases_the_loss_too(tiny_cfg):
+    refiner = _tiny_refiner(tiny_cfg)
+    rng = np.random.default_rng(0)
+    data = [_fake_image(rng, "a"), _fake_image(rng, "b")]
+    targets = {d.image_id: target_frame(d.gt_khw, d.input_size, 128, 32) for d in data}
+    batch = [(d, p) for d in data for p in d.pairs]
+    with torch.no_grad():
+        before = float(batch_loss(refiner, batch, targets, 32)["loss"])
+    train_refiner(refiner, data, RefineConfig(epochs=8, batch_size=8, lr=3e-3, loss_size=32, bf16=True))
+    assert all(p.dtype == torch.float32 for p in refiner.parameters())
+    with torch.no_grad():
+        after = float(batch_loss(refiner, batch, targets, 32)["loss"])
+    assert after < 0.8 * before, (before, after)
+
+
+def test_early_stopping_restores_the_best_epoch_on_val(tiny_cfg, monkeypatch):
+    import sum.uncertainty.refine as refine
+
+    refiner = _tiny_refiner(tiny_cfg)
+    rng = np.random.default_rng(0)
+    train, val = [_fake_image(rng, "a"), _fake_image(rng, "b")], [_fake_image(rng, "v")]
+    scripted = iter([0.50, 0.60, 0.58, 0.55, 0.99])  # epoch 0 (SAM), 1 (best), 2, 3: stop; 4 never
+    monkeypatch.setattr(refine, "evaluate_pairs", lambda module, images: {"miou_refined": next(scripted)})
+    snapshots = {}
+
+    def on_step(step, rec):  # 8 pairs, batch 4: two steps an epoch
+        if step % 2 == 1:
+            snapshots[rec["epoch"]] = {k: v.clone() for k, v in refiner.state_dict().items()}
+
+    cfg = RefineConfig(epochs=10, batch_size=4, lr=1e-2, loss_size=32, patience=2)
+    history, curve = train_refiner(refiner, train, cfg, val, on_step=on_step)
+    assert [c["epoch"] for c in curve] == [0, 1, 2, 3] and len(history) == 6
+    assert [c["val_miou_refined"] for c in curve] == [0.50, 0.60, 0.58, 0.55]
+    assert not refiner.training
+    for k, v in refiner.state_dict().items():
+        assert torch.equal(v, snapshots[1][k]), k
+    assert not all(torch.equal(v, snapshots[3][k]) for k, v in refiner.state_dict().items())
+
+
+def test_training_never_ends_worse_than_sam_on_val(tiny_cfg, monkeypatch):
+    import sum.uncertainty.refine as refine
+
+    refiner = _tiny_refiner(tiny_cfg)
+    start = {k: v.clone() for k, v in refiner.state_dict().items()}
+    rng = np.random.default_rng(0)
+    scripted = iter([0.7, 0.6, 0.5])
+    monkeypatch.setattr(refine, "evaluate_pairs", lambda module, images: {"miou_refined": next(scripted)})
+    cfg = RefineConfig(epochs=2, batch_size=4, lr=1e-2, loss_size=32, patience=0)
+    _, curve = train_refiner(refiner, [_fake_image(rng, "a")], cfg, [_fake_image(rng, "v")])
+    assert [c["epoch"] for c in curve] == [0, 1, 2]
+    for k, v in refiner.state_dict().items():
+        assert torch.equal(v, start[k]), k
 
 
 def test_refiner_checkpoint_round_trip(tmp_path, tiny_cfg):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -23,7 +24,15 @@ from sum.uncertainty.maps import (
     write_uncertainty_shard,
 )
 from sum.uncertainty.refine import RefinementModule
-from sum.uncertainty.report import auroc, average_ranks, scoring_region, score_image, summarize
+from sum.uncertainty.report import (
+    auroc,
+    auroc_by_match_iou,
+    average_ranks,
+    report_metrics,
+    score_image,
+    scoring_region,
+    summarize,
+)
 
 
 # ---- development pseudo labels (until the pseudolabel stage has run) ---------------------------
@@ -103,6 +112,16 @@ def test_scoring_region_grows_the_box_and_clips():
     assert (rows.start, rows.stop, cols.start, cols.stop) == (12, 79, 0, 121)  # dy=8, dx=10
     rows, cols = scoring_region([0, 0, 199, 99], (100, 200), margin=0.1, min_px=8)
     assert (rows.start, rows.stop, cols.start, cols.stop) == (0, 100, 0, 200)
+
+
+def test_scoring_region_joins_the_matched_gt_box():
+    gt = np.zeros((100, 200), bool)
+    gt[30:40, 150:170] = True  # right of the pseudo label's box [10, 20, 100, 50]
+    rows, cols = scoring_region([10, 20, 100, 50], (100, 200), margin=0.1, min_px=8, gt_hw=gt)
+    # union box x 10..169, y 20..70: dx = 0.1 * 159, dy = max(8, 0.1 * 50)
+    assert (rows.start, rows.stop, cols.start, cols.stop) == (12, 79, 0, 186)
+    same = scoring_region([10, 20, 100, 50], (100, 200), 0.1, 8, gt_hw=np.zeros((100, 200), bool))
+    assert same == scoring_region([10, 20, 100, 50], (100, 200), 0.1, 8)
 
 
 # ---- resolution ----------------------------------------------------------------------------------
@@ -227,3 +246,55 @@ def test_score_image_matches_the_best_gt_and_scores_errors():
     m = summarize([rec])
     assert m["auroc_mean"] == 1.0 and m["n_masks"] == 1 and m["acc_certain"] == 1.0 and m["acc_uncertain"] == 0.0
     assert m["miou_refined"] > m["miou_pseudo"]
+
+
+def _records_for(pseudo, gts, u_hw, size=(64, 64)):
+    from sum.data.coco import encode_rle
+
+    ys, xs = np.nonzero(pseudo)
+    bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min()), int(ys.max() - ys.min())]
+    img = {"image_id": "1", "height": size[0], "width": size[1], "annotations": [{"id": 1, "bbox": bbox, "segmentation": encode_rle(pseudo)}]}
+    s = np.where(pseudo, 5.0, -5.0)[None].astype(np.float32)
+    return score_image(img, s, u_hw[None].astype(np.float32), None, np.stack(gts), size[0], 0.6, 0.1, 2)
+
+
+def test_score_image_counts_errors_beyond_the_pseudo_label_box():
+    size = (64, 64)
+    gt = np.zeros(size, bool)
+    gt[10:30, 4:60] = True  # a long object
+    pseudo = np.zeros(size, bool)
+    pseudo[10:30, 4:34] = True  # covers its left 30 of 56 columns: IoU 30/56 > 0.5
+    u = np.zeros(size, np.float32)
+    u[10:30, 34:60] = 0.8  # exactly the missed part is uncertain
+    (rec,) = _records_for(pseudo, [gt], u)
+    assert rec["gt_iou_pseudo"] == pytest.approx(30 / 56)
+    assert rec["n_error"] == 20 * 26  # every missed pixel, far outside the pseudo label's box
+    assert rec["auroc"] == 1.0
+
+
+def test_report_metrics_match_rule_and_bands():
+    size = (64, 64)
+    gt = np.zeros(size, bool)
+    gt[8:40, 8:40] = True
+    good = np.zeros(size, bool)
+    good[8:40, 8:36] = True  # IoU 28/32: matched, its error (4 columns) flagged by u
+    u_good = np.zeros(size, np.float32)
+    u_good[8:40, 36:40] = 0.9
+    fragment = np.zeros(size, bool)
+    fragment[20:24, 20:24] = True  # a blob inside the GT: IoU 16/1024, no counterpart
+    exact = gt.copy()  # IoU 1: no error pixel, nothing to separate
+    records = []
+    for k, (m, u) in enumerate(((good, u_good), (fragment, np.zeros(size, np.float32)), (exact, np.zeros(size, np.float32)))):
+        (rec,) = _records_for(m, [gt], u)
+        rec["id"] = k
+        records.append(rec)
+    out = report_metrics(records, 0.5)
+    assert out["n_masks_total"] == 3 and out["n_masks_matched"] == 2 and out["n_masks_unmatched"] == 1
+    assert out["n_masks"] == 1 and out["n_masks_no_error"] == 1 and out["auroc_mean"] == 1.0
+    assert out["auroc_p50"] == 1.0 and out["n_masks_all"] == 2  # the fragment is scored only in _all
+    assert out["miou_pseudo"] == pytest.approx((28 / 32 + 1.0) / 2)
+    assert out["min_match_iou"] == 0.5 and "IoU >= min_match_iou" in out["scoring_rule"]
+    bands = auroc_by_match_iou(records)
+    assert bands["0.00-0.25"]["n"] == 1 and bands["0.85-0.95"] == {"n": 1, "auroc_mean": 1.0}
+    assert bands["0.95-1.00"] == {"n": 0, "auroc_mean": None}  # the exact mask has no AUROC
+    json.dumps(out, allow_nan=False)  # plain JSON for DVC

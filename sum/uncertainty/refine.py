@@ -76,13 +76,18 @@ class RefinementModule(nn.Module):
       prompt_encoder: a ``PromptEncoder`` (or `TaskPromptEncoder`, used with task prompt 0).
       mask_decoder: a ``MaskDecoder``.
       img_size: the padded input side the prompts' coordinates refer to (1024 for SAM).
+      folded: compute the decoder with `sum.uncertainty.decoder.decode_single` (same function,
+        ~2x faster; used when the decoder's upscaling is SAM's), else SAM's ``MaskDecoder``.
     """
 
-    def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module, img_size: int) -> None:
+    def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module, img_size: int, folded: bool = True) -> None:
         super().__init__()
+        from sum.uncertainty.decoder import upscaling_is_sam
+
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.img_size = int(img_size)
+        self.folded = bool(folded) and upscaling_is_sam(mask_decoder)
 
     @classmethod
     def from_sam(cls, sam: nn.Module) -> "RefinementModule":
@@ -116,9 +121,13 @@ class RefinementModule(nn.Module):
         Returns:
           (refined logits r (B, 1, 4He, 4We), predicted IoU (B, 1)).
         """
+        from sum.uncertainty.decoder import decode_single
+
         pe = self.prompt_encoder
         kwargs = {"task_prompt": 0} if hasattr(pe, "task_prompt_embedding") else {}
         sparse_bnc, dense_bchw = pe(points=(points_bn2, labels_bn), boxes=boxes_b4, masks=mask_logits_b1hw, **kwargs)
+        if self.folded:
+            return decode_single(self.mask_decoder, features_1chw, pe.get_dense_pe(), sparse_bnc, dense_bchw)
         return self.mask_decoder(
             image_embeddings=features_1chw,
             image_pe=pe.get_dense_pe(),
@@ -166,6 +175,39 @@ def pair_filter(
       bool tensor of the inputs' shape.
     """
     return (iou_to_gt >= iou_filter) & (predicted_iou >= pred_iou_thresh) & (stability >= stability_thresh)
+
+
+class PointPredictor:
+    """SAM's three outputs for single positive points on one image, what
+    ``SumPredictor.predict_torch(points, labels, multimask_output=True, return_logits=True)``
+    returns, with the prompt-independent decoder work done once per image
+    (`sum.pseudo.amg.PointBatchDecoder`; logits agree with SAM's decoder to float rounding).
+
+    Arguments:
+      predictor: a `SumPredictor` with the image's embedding set.
+    """
+
+    def __init__(self, predictor) -> None:
+        from sum.pseudo.amg import PointBatchDecoder
+
+        self.model = predictor.model
+        self.transform = predictor.transform
+        self.original_size = tuple(predictor.original_size)
+        self.input_size = tuple(predictor.input_size)
+        self.device = predictor.device
+        self.decoder = PointBatchDecoder(predictor.model, predictor.features)
+
+    @torch.no_grad()
+    def predict_torch(self, point_coords, point_labels, multimask_output=True, return_logits=True):
+        """(logits (B, 3, H, W) at the original size, predicted IoU (B, 3), low-res logits
+        (B, 3, h, w)) for points (B, 1, 2) in the input frame, all labelled positive."""
+        if not (multimask_output and return_logits) or point_coords.shape[1] != 1 or not bool((point_labels == 1).all()):
+            raise ValueError("PointPredictor: one positive point per prompt, multimask logits only")
+        iou_b3, _, low_k_hw = self.decoder(point_coords[:, 0], 0.0)  # threshold 0: all 3 outputs
+        b = point_coords.shape[0]
+        low_b3hw = low_k_hw.view(b, 3, *low_k_hw.shape[-2:])
+        logits_b3hw = self.model.postprocess_masks(low_b3hw, self.input_size, self.original_size)
+        return logits_b3hw, iou_b3, low_b3hw
 
 
 def _iou_nm(pred_nmhw: torch.Tensor, gt_n1hw: torch.Tensor) -> torch.Tensor:
@@ -300,6 +342,28 @@ def target_frame(gt_khw: np.ndarray, input_size: Tuple[int, int], img_size: int,
     return (F.interpolate(gt, (h, w), mode="bilinear", align_corners=False, antialias=True) >= 0.5).float()
 
 
+def _forward_groups(refiner: RefinementModule, groups: Sequence[Tuple[ImageData, Sequence[Pair]]]):
+    """Refined logits and predicted IoUs of pairs of several images, one list entry per image.
+
+    The folded decoder takes one image embedding per prompt, so all pairs go through one call;
+    SAM's own decoder repeats one embedding per call, so it gets one call per image.
+    """
+    if not refiner.folded or len(groups) == 1:
+        return [refiner(data.features, *_prompts(refiner, data, pairs)) for data, pairs in groups]
+    prompts = [_prompts(refiner, data, pairs) for data, pairs in groups]
+    feats_bchw = torch.cat([data.features.expand(len(pairs), -1, -1, -1) for data, pairs in groups])
+    r_b1hw, iou_b1 = refiner(feats_bchw, *(torch.cat(parts) for parts in zip(*prompts)))
+    sizes = [len(pairs) for _, pairs in groups]
+    return list(zip(r_b1hw.split(sizes), iou_b1.split(sizes)))
+
+
+def _by_image(batch: Sequence[Tuple[ImageData, Pair]]) -> List[Tuple[ImageData, List[Pair]]]:
+    groups: Dict[str, Tuple[ImageData, List[Pair]]] = {}
+    for data, pair in batch:
+        groups.setdefault(data.image_id, (data, []))[1].append(pair)
+    return list(groups.values())
+
+
 def batch_loss(
     refiner: RefinementModule,
     batch: Sequence[Tuple[ImageData, Pair]],
@@ -308,24 +372,17 @@ def batch_loss(
 ) -> Dict[str, torch.Tensor]:
     """SAM loss (20 focal + 1 Dice + 1 IoU-MSE, u ≡ 0) of a batch of pairs, mean over pairs.
 
-    Pairs are grouped by image, since SAM's decoder repeats one image embedding per prompt.
-
     Arguments:
       targets: image_id -> (K, 1, h, w) GT in the loss frame (`target_frame`).
     """
     from sum.train.losses import sam_loss
 
-    groups: Dict[str, list] = defaultdict(list)
-    for data, pair in batch:
-        groups[data.image_id].append((data, pair))
+    groups = _by_image(batch)
     parts = defaultdict(list)
-    for items in groups.values():
-        data = items[0][0]
-        pairs = [p for _, p in items]
-        r_b1hw, iou_b1 = refiner(data.features, *_prompts(refiner, data, pairs))
-        logits = loss_frame(r_b1hw, data.input_size, refiner.img_size, loss_size)
+    for (data, pairs), (r_b1hw, iou_b1) in zip(groups, _forward_groups(refiner, groups)):
+        logits = loss_frame(r_b1hw.float(), data.input_size, refiner.img_size, loss_size)
         target = targets[data.image_id][[p.gt_index for p in pairs]]
-        out = sam_loss(logits, iou_b1, target)
+        out = sam_loss(logits, iou_b1.float(), target)
         for k in ("loss", "focal", "dice", "iou"):
             parts[k].append(out[k])
     return {k: torch.cat(v).mean() for k, v in parts.items()}
@@ -370,13 +427,23 @@ def train_refiner(
     refiner: RefinementModule,
     train: Sequence[ImageData],
     cfg: RefineConfig,
+    val: Sequence[ImageData] = (),
     on_step: Optional[Callable[[int, Dict[str, float]], None]] = None,
-) -> List[Dict[str, float]]:
+) -> Tuple[List[Dict[str, float]], List[Dict[str, float]]]:
     """Fine-tune the prompt encoder and mask decoder of ``refiner`` on the pairs of ``train``
-    (AdamW, constant lr, SAM loss at ``cfg.loss_size``; spec §4.1, A6).
+    (AdamW, constant lr, SAM loss at ``cfg.loss_size``; spec §4.1, A6), with early stopping on
+    the held-out ``val`` pairs.
+
+    When ``val`` has pairs, the refined mIoU on it (`evaluate_pairs`) is measured before training
+    (epoch 0: the foundation weights) and after every epoch; training stops after
+    ``cfg.patience`` epochs without a new best (0: never early), and the weights of the best epoch
+    are restored, so the module is never worse on val than the copy of SAM it starts from.
+    ``cfg.bf16`` runs forward and backward under bf16 autocast (the weights and the optimiser
+    stay fp32).
 
     Returns:
-      per-step records {"step", "epoch", "loss", "focal", "dice", "iou"}.
+      (per-step records {"step", "epoch", "loss", "focal", "dice", "iou"}, per-epoch records
+      {"epoch", "steps", "train_loss", "val_miou_refined"}; the second is empty without val).
     """
     gen = torch.Generator().manual_seed(cfg.seed)
     items = [(d, p) for d in train for p in d.pairs]
@@ -385,13 +452,21 @@ def train_refiner(
     targets = {d.image_id: target_frame(d.gt_khw, d.input_size, refiner.img_size, cfg.loss_size).to(refiner.device) for d in train}
     params = [p for p in refiner.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_val = any(d.pairs for d in val)
+    curve: List[Dict[str, float]] = []
+    best_miou, best_state, best_epoch = -1.0, None, 0
+    if use_val:
+        best_miou = evaluate_pairs(refiner, val)["miou_refined"]
+        best_state = copy.deepcopy(refiner.state_dict())
+        curve.append({"epoch": 0, "steps": 0, "train_loss": float("nan"), "val_miou_refined": best_miou})
     refiner.train()
     history, step = [], 0
-    for epoch in range(cfg.epochs):
+    for epoch in range(1, cfg.epochs + 1):
         order = torch.randperm(len(items), generator=gen).tolist()
         for start in range(0, len(order), cfg.batch_size):
             batch = [items[j] for j in order[start : start + cfg.batch_size]]
-            out = batch_loss(refiner, batch, targets, cfg.loss_size)
+            with torch.autocast(refiner.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                out = batch_loss(refiner, batch, targets, cfg.loss_size)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             opt.step()
@@ -400,8 +475,20 @@ def train_refiner(
             if on_step is not None:
                 on_step(step, rec)
             step += 1
+        if not use_val:
+            continue
+        miou = evaluate_pairs(refiner, val)["miou_refined"]
+        losses = [h["loss"] for h in history if h["epoch"] == epoch]
+        curve.append({"epoch": epoch, "steps": step, "train_loss": float(np.mean(losses)), "val_miou_refined": miou})
+        log.info("refine epoch %d: train loss %.4f, val mIoU refined %.4f", epoch, curve[-1]["train_loss"], miou)
+        if miou > best_miou:
+            best_miou, best_state, best_epoch = miou, copy.deepcopy(refiner.state_dict()), epoch
+        elif cfg.patience and epoch - best_epoch >= cfg.patience:
+            break
+    if best_state is not None:
+        refiner.load_state_dict(best_state)
     refiner.eval()
-    return history
+    return history, curve
 
 
 # ---- checkpoint --------------------------------------------------------------------------------
@@ -511,7 +598,7 @@ def prepare_images(
             predictor.set_embedding(embedding_of(sample.image_id))
         else:
             predictor.set_image(sample.image)
-        pairs, c = select_pairs(predictor, sample.image_id, sample.masks, cfg, gen)
+        pairs, c = select_pairs(PointPredictor(predictor), sample.image_id, sample.masks, cfg, gen)
         for k, v in c.items():
             counts[k] += v
         images.append(
@@ -551,14 +638,15 @@ def fit_refiner(model, dataset, cfg: RefineConfig, embedding_of=None) -> Tuple[R
     pe = refiner.prompt_encoder
     if getattr(pe, "zero_token_no_grad", False) and hasattr(pe, "task_prompt_embedding"):
         pe.task_prompt_embedding[0].weight.requires_grad_(False)  # task id 0 stays SAM (spec §2.2)
-    before = evaluate_pairs(refiner, val)
+    sam_val = evaluate_pairs(refiner, val)  # the untrained copy of SAM (epoch 0)
     t1 = time.perf_counter()
-    history = train_refiner(refiner, train, cfg)
+    history, curve = train_refiner(refiner, train, cfg, val)
     t_train = time.perf_counter() - t1
     after = evaluate_pairs(refiner, val)
     n_train = sum(len(d.pairs) for d in train)
     first = history[: max(1, len(history) // 10)]
     last = history[-max(1, len(history) // 10) :]
+    best = max(curve, key=lambda c: c["val_miou_refined"]) if curve else {"epoch": len({h["epoch"] for h in history})}
     metrics = {
         "pairs_candidates": counts.get("candidates", 0),
         "pairs_kept": counts.get("kept", 0),
@@ -569,18 +657,23 @@ def fit_refiner(model, dataset, cfg: RefineConfig, embedding_of=None) -> Tuple[R
         "val_images": len(val),
         "val_pairs": after["n_pairs"],
         "steps": len(history),
+        "epochs_run": int(history[-1]["epoch"]),
+        "best_epoch": int(best["epoch"]),
         "train_loss_first": float(np.mean([h["loss"] for h in first])),
         "train_loss_last": float(np.mean([h["loss"] for h in last])),
         "val_miou_sam": after["miou_sam"],
-        "val_miou_refined_init": before["miou_refined"],
+        "val_miou_refined_init": sam_val["miou_refined"],
         "val_miou_refined": after["miou_refined"],
         "val_improved_fraction": after["improved_fraction"],
+        # the choice of the epoch (and, across runs, of lr) on val: SAM's masks vs refined
+        "val_miou_refined_by_epoch": {str(c["epoch"]): c["val_miou_refined"] for c in curve},
         "seconds_pairs": round(t_pairs, 2),
         "seconds_train": round(t_train, 2),
     }
     log.info(
-        "refine: %d train pairs, %d steps in %.0f s; val mIoU SAM %.4f -> refined %.4f (untrained %.4f)",
-        n_train, len(history), t_train, metrics["val_miou_sam"], metrics["val_miou_refined"], metrics["val_miou_refined_init"],
+        "refine: %d train pairs, %d steps in %.0f s; val mIoU SAM %.4f -> refined %.4f (untrained %.4f, best epoch %d)",
+        n_train, len(history), t_train, metrics["val_miou_sam"], metrics["val_miou_refined"],
+        metrics["val_miou_refined_init"], metrics["best_epoch"],
     )
     return refiner, metrics
 

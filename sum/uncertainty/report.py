@@ -1,24 +1,34 @@
 """How good are the uncertainty maps? Scoring against the hidden ground truth of the embedded
 world (never used for training), a DVC metrics JSON and a PNG panel (spec §4.1-4.2, App. D.3).
 
-Per pseudo label (spec §3.3: ``ŷ = 1[s > 0]``, the RLE the generator stored):
+The question (spec §4.2): does ``u`` separate the pixels where a pseudo label is wrong from those
+where it is right? "Wrong" needs the GT object the pseudo label is meant to be. The rule, per
+pseudo label ``ŷ = 1[s > 0]`` (spec §3.3, the RLE the generator stored):
 
-- it is matched to the hidden GT mask of highest IoU, over every granularity the world provides
-  (salient, entity, part): a pseudo label is a mask at *some* granularity (App. I.1);
-- error pixels are where ŷ disagrees with that GT;
-- the **scoring region** is the pseudo label's box grown on each side by
-  ``max(region_min_px, region_margin · side)`` (side = the box's width or height) and clipped to
-  the image: u is meant to flag the mask's own boundary errors, and the far background, where
-  ŷ and the GT agree trivially, would only inflate the score;
-- per-mask AUROC of u (at the original resolution, `sum.uncertainty.maps.uncertainty_at`)
-  separating error from correct pixels in the region, computed exactly from ranks
-  (`auroc`); masks whose region has only one class are left out of the AUROC;
-- IoU with the matched GT of the raw pseudo label and of the refined mask ``1[r > 0]``.
-
-Headline metrics are over the pseudo labels whose best GT match has IoU >= ``min_match_iou``
-(0.5): an AMG mask of unannotated stuff (floor, wall) has no GT counterpart, so its "errors" are
-half its region and say nothing about boundary uncertainty. The same metrics over every pseudo
-label are reported with the suffix ``_all``.
+1. **Match.** Its counterpart is the hidden GT mask of highest IoU over every granularity the world
+   annotates (salient, entity incl. stuff, part; ``hidden_gt/annotations_*.json``): a pseudo label
+   is a mask at *some* granularity (App. I.1). The match counts when that IoU is >= ``min_match_iou``
+   = 0.5, the segment-matching criterion of panoptic quality (Kirillov et al. 2019; above 0.5 a
+   match is unique among non-overlapping segments). Below it no GT is the object the pseudo label
+   is meant to be: in the embedded world these are mostly fragments finer than any annotated
+   granularity (a texture blob, a cloud, a tile inside a ground/sky/part GT many times larger), for
+   which "error pixels" would be the whole of an unrelated GT. They are counted
+   (``n_masks_unmatched``) and the same metrics over all pseudo labels, each against its best GT
+   whatever the IoU, are reported with the suffix ``_all``.
+2. **Error pixels** are where ŷ disagrees with the matched GT. They are scored inside the
+   **scoring region**: the union of the pseudo label's box and the matched GT's box, grown on each
+   side by ``max(region_min_px, region_margin · side)`` and clipped to the image. Every error pixel
+   lies in it (errors are in ŷ ∪ GT); the correct pixels are the neighbourhood of the two masks,
+   since the far background, where ŷ and the GT agree trivially and u ≈ 0, would only inflate
+   the score.
+3. **Per-mask AUROC** of u (at the original resolution, `sum.uncertainty.maps.uncertainty_at`)
+   separating error from correct pixels in the region, exactly from ranks (`auroc`), over the
+   masks whose error set and correct set are both non-empty (``n_masks``; a perfect pseudo label
+   has nothing to separate: ``n_masks_no_error``). Reported: mean and percentiles
+   (``auroc_p10`` ... ``auroc_p90``), and the mean per band of match IoU
+   (``auroc_mean_by_match_iou``, over all pseudo labels).
+4. **Refinement.** IoU with the matched GT of the raw pseudo label and of the refined mask
+   ``1[r > 0]`` (``miou_pseudo``, ``miou_refined``), over the same matched pseudo labels.
 
 For context the same AUROC is reported for SAM's own confidence ``1 − |2σ(s) − 1|`` (the
 paper's "Confidence-Uncer" baseline, spec §4.2), and pixel accuracy of ŷ in certain
@@ -41,6 +51,13 @@ from sum.io import atomic_path, atomic_write_text
 log = logging.getLogger(__name__)
 
 PERCENTILES = (10, 25, 50, 75, 90)
+MATCH_IOU_BANDS = (0.0, 0.25, 0.5, 0.7, 0.85, 0.95, 1.0)
+SCORING_RULE = (
+    "per pseudo label: best-IoU hidden GT over all granularities, matched if IoU >= min_match_iou; "
+    "error pixels = pseudo label != matched GT inside the union of both boxes grown by "
+    "max(region_min_px, region_margin*side); AUROC of u (error vs correct) averaged over matched "
+    "masks with both sets non-empty"
+)
 
 
 def average_ranks(x: np.ndarray) -> np.ndarray:
@@ -75,13 +92,20 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 
-def scoring_region(bbox_xywh: Sequence[float], size: Tuple[int, int], margin: float, min_px: int) -> Tuple[slice, slice]:
-    """(rows, cols) slices of the pseudo label's box grown by ``max(min_px, margin·side)``."""
+def scoring_region(
+    bbox_xywh: Sequence[float], size: Tuple[int, int], margin: float, min_px: int, gt_hw: Optional[np.ndarray] = None
+) -> Tuple[slice, slice]:
+    """(rows, cols) slices of the pseudo label's box, joined with the box of ``gt_hw`` when given
+    (so that every error pixel lies inside), grown by ``max(min_px, margin·side)`` and clipped."""
     x, y, w, h = (float(v) for v in bbox_xywh)
-    dx, dy = max(min_px, margin * w), max(min_px, margin * h)
-    x0, y0 = max(0, int(np.floor(x - dx))), max(0, int(np.floor(y - dy)))
-    x1, y1 = min(size[1], int(np.ceil(x + w + 1 + dx))), min(size[0], int(np.ceil(y + h + 1 + dy)))
-    return slice(y0, y1), slice(x0, x1)
+    x0, y0, x1, y1 = x, y, x + w, y + h
+    if gt_hw is not None and gt_hw.any():
+        ys, xs = np.flatnonzero(gt_hw.any(1)), np.flatnonzero(gt_hw.any(0))
+        x0, y0, x1, y1 = min(x0, xs[0]), min(y0, ys[0]), max(x1, xs[-1]), max(y1, ys[-1])
+    dx, dy = max(min_px, margin * (x1 - x0)), max(min_px, margin * (y1 - y0))
+    r0, c0 = max(0, int(np.floor(y0 - dy))), max(0, int(np.floor(x0 - dx)))
+    r1, c1 = min(size[0], int(np.ceil(y1 + 1 + dy))), min(size[1], int(np.ceil(x1 + 1 + dx)))
+    return slice(r0, r1), slice(c0, c1)
 
 
 def _iou_1n(mask_hw: np.ndarray, gts_nhw: np.ndarray) -> np.ndarray:
@@ -164,7 +188,7 @@ def score_image(
         rec["gt_iou_pseudo"] = float(ious[j])
         if r_up is not None:
             rec["gt_iou_refined"] = float(_iou_1n(gt, (r_up[k] > 0)[None])[0])
-        rows, cols = scoring_region(a["bbox"], size, margin, min_px)
+        rows, cols = scoring_region(a["bbox"], size, margin, min_px, gt)
         err = (pseudo[rows, cols] != gt[rows, cols]).ravel()
         u = u_up[k][rows, cols].ravel()
         p = 1.0 / (1.0 + np.exp(-np.clip(s_up[k][rows, cols].ravel(), -30, 30)))
@@ -193,10 +217,12 @@ def summarize(records: Sequence[dict]) -> dict:
     refined = [r for r in matched if "gt_iou_refined" in r]
     n_err = sum(r.get("n_error", 0) for r in records)
     n_ok = sum(r.get("n_region", 0) - r.get("n_error", 0) for r in records)
+    n_no_error = sum(1 for r in records if "n_error" in r and r["n_error"] == 0)
     out = {
         "n_masks_total": len(records),
         "n_masks_matched": len(matched),
         "n_masks": int(au.size),
+        "n_masks_no_error": n_no_error,
         "auroc_mean": float(au.mean()) if au.size else float("nan"),
         **{f"auroc_p{q}": float(np.percentile(au, q)) if au.size else float("nan") for q in PERCENTILES},
         "auroc_confidence_mean": float(au_c.mean()) if au_c.size else float("nan"),
@@ -211,6 +237,35 @@ def summarize(records: Sequence[dict]) -> dict:
     out["acc_certain"] = sum(r.get("correct_certain", 0) for r in records) / n_c if n_c else float("nan")
     out["acc_uncertain"] = sum(r.get("correct_uncertain", 0) for r in records) / n_u if n_u else float("nan")
     out["uncertain_pixel_fraction"] = n_u / (n_c + n_u) if (n_c + n_u) else float("nan")
+    return out
+
+
+def auroc_by_match_iou(records: Sequence[dict], bands: Sequence[float] = MATCH_IOU_BANDS) -> Dict[str, dict]:
+    """Mean AUROC and count of scored masks per band ``[lo, hi)`` of the IoU of each pseudo label
+    with its best GT (the last band includes 1), over every record: how the score depends on the
+    matching threshold."""
+    out = {}
+    for lo, hi in zip(bands[:-1], bands[1:]):
+        au = [
+            r["auroc"]
+            for r in records
+            if "auroc" in r and np.isfinite(r["auroc"]) and lo <= r["gt_iou_pseudo"] and (r["gt_iou_pseudo"] < hi or hi >= 1.0)
+        ]
+        out[f"{lo:.2f}-{hi:.2f}"] = {"n": len(au), "auroc_mean": float(np.mean(au)) if au else None}
+    return out
+
+
+def report_metrics(records: Sequence[dict], min_match_iou: float) -> dict:
+    """The metrics of the module docstring: `summarize` over the pseudo labels matched at
+    ``min_match_iou``, the same over all (suffix ``_all``), AUROC per match-IoU band, the rule."""
+    matched = [r for r in records if r.get("gt_iou_pseudo", 0.0) >= min_match_iou]
+    out = _finite(summarize(matched))
+    out["n_masks_total"] = len(records)  # every pseudo label; n_masks_matched of them have a counterpart
+    out["n_masks_unmatched"] = len(records) - len(matched)
+    out.update({f"{k}_all": v for k, v in _finite(summarize(records)).items()})
+    out["auroc_mean_by_match_iou"] = auroc_by_match_iou(records)
+    out["min_match_iou"] = min_match_iou
+    out["scoring_rule"] = SCORING_RULE
     return out
 
 
@@ -334,13 +389,6 @@ def uncertainty_report(
     Returns:
       the metrics dict (also written to ``cfg.metrics``).
     """
-    def _metrics(records: List[dict]) -> dict:
-        matched = [r for r in records if r.get("gt_iou_pseudo", 0.0) >= cfg.min_match_iou]
-        out = _finite(summarize(matched))
-        out.update({f"{k}_all": v for k, v in _finite(summarize(records)).items()})
-        out["min_match_iou"] = cfg.min_match_iou
-        return out
-
     all_records: List[dict] = []
     per_dataset: Dict[str, dict] = {}
     panel_done = False
@@ -350,13 +398,13 @@ def uncertainty_report(
             log.info("uncertainty report: %s has no hidden GT (%s), not scored", name, cfg.hidden_gt)
             continue
         records, images = score_dataset(pseudo_dir, uncertainty_dir, name, paths, cfg)
-        per_dataset[name] = _metrics(records)
+        per_dataset[name] = report_metrics(records, cfg.min_match_iou)
         all_records += records
         if not panel_done and cfg.panel and cfg.n_panel_images > 0:
             panel_done = write_panel(cfg.panel, images_dir, images, cfg.n_panel_images) is not None
-    metrics = _metrics(all_records)
+    metrics = report_metrics(all_records, cfg.min_match_iou)
     for k, v in ((refiner_meta or {}).get("metrics") or {}).items():
-        if k.startswith("val_") or k in ("train_pairs", "steps", "seconds_train"):
+        if k.startswith("val_") or k in ("pairs_kept", "train_pairs", "steps", "epochs_run", "best_epoch"):
             metrics[f"refine_{k}"] = v
     metrics["datasets"] = per_dataset
     atomic_write_text(cfg.metrics, json.dumps(metrics, indent=1) + "\n")
