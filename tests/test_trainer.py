@@ -35,6 +35,8 @@ TRAIN_FIELDS: dict[str, Any] = dict(
     box_probability=0.5,
     jitter="sum_code",
     dice_threshold=0.6,
+    precision="fp32",
+    task_prompt_lr_scale=1.0,
     checkpoint_every=50,
     log_every=1,
     run_dir="runs/finetune",
@@ -337,6 +339,14 @@ def test_full_mode_layer_decay_matches_the_formula():
     set_trainable(sam, "decoder")
     lrs = group_lrs(build_optimizer(sam, mode="decoder", lr=lr, weight_decay=0.1, layer_decay=0.8))
     assert not any(n.startswith("image_encoder.") for n in lrs) and set(lrs.values()) == {lr}
+    # task_prompt_lr_scale multiplies the task embeddings' lr only, and they get no weight decay
+    opt = build_optimizer(sam, mode="decoder", lr=lr, weight_decay=0.1, layer_decay=0.8, task_prompt_lr_scale=20)
+    lrs = group_lrs(opt)
+    tp = [n for n in lrs if n.startswith("prompt_encoder.task_prompt_embedding.")]
+    assert sorted(tp) == [f"prompt_encoder.task_prompt_embedding.{i}.weight" for i in (1, 2, 3)]
+    assert all(lrs[n] == pytest.approx(20 * lr) for n in tp)
+    assert {v for n, v in lrs.items() if n not in tp} == {lr}
+    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups if set(g["names"]) & set(tp))
 
     # MobileSAM's TinyViT, depths [2, 2, 6, 2]: L = 12 blocks numbered across stages
     from conftest import model_config
@@ -453,3 +463,20 @@ def test_batches_are_deterministic_and_split_across_ranks():
     # one epoch of a pool visits every image once
     seen = [s.index for t in range(7) for s in global_batch(t, 4, 2, sizes, seed=0)[:2]]
     assert sorted(seen[:7]) == list(range(7))
+
+
+def test_forward_autocast_precision_switch():
+    from contextlib import nullcontext
+
+    from sum.model.fast import _cpu_has_native_bf16
+    from sum.train.trainer import forward_autocast
+
+    cpu = torch.device("cpu")
+    assert isinstance(forward_autocast("fp32", cpu, "decoder"), nullcontext)
+    forced = forward_autocast("bf16", cpu, "full")
+    assert isinstance(forced, torch.autocast) and forced.fast_dtype == torch.bfloat16
+    assert isinstance(forward_autocast("auto", cpu, "full"), nullcontext)  # full mode on CPU: fp32
+    auto = forward_autocast("auto", cpu, "decoder")
+    assert isinstance(auto, torch.autocast) == _cpu_has_native_bf16()
+    with pytest.raises(ValueError, match="train.precision"):
+        forward_autocast("fp16", cpu, "decoder")

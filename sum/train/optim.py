@@ -69,6 +69,10 @@ def _no_weight_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "rel_pos" in name or "attention_biases" in name
 
 
+def _is_task_prompt(name: str) -> bool:
+    return name.startswith("prompt_encoder.task_prompt")
+
+
 def set_trainable(sam: nn.Module, mode: str) -> None:
     """Freeze what ``mode`` does not train (spec §8.1): the encoder in ``decoder`` mode.
 
@@ -82,7 +86,7 @@ def set_trainable(sam: nn.Module, mode: str) -> None:
 
 
 def param_groups(
-    sam: nn.Module, lr: float, weight_decay: float, layer_decay: float, mode: str
+    sam: nn.Module, lr: float, weight_decay: float, layer_decay: float, mode: str, task_prompt_lr_scale: float = 1.0
 ) -> List[Dict]:
     """AdamW parameter groups, one per (lr scale, weight decay) pair (spec §8.1).
 
@@ -93,6 +97,11 @@ def param_groups(
       weight_decay: AdamW weight decay for ≥2-D weights (spec A2: 0.1).
       layer_decay: d (spec: 0.8); 1.0 switches layer decay off.
       mode: ``full`` or ``decoder``.
+      task_prompt_lr_scale: lr multiplier of the task-prompt embeddings (spec §2.2). The paper
+        trains them at the base lr over 6,000 steps; a short schedule (the embedded CPU default)
+        raises it so that the new, zero-initialised embeddings, not the shared decoder weights,
+        absorb what is task-specific (as HQ-SAM trains its new tokens at 100x SAM's fine-tuning lr).
+        No weight decay on them: decay would pull a task towards "unspecified".
     Returns:
       list of dicts with ``params``, ``names``, ``lr`` (= lr · scale), ``lr_scale``,
       ``weight_decay``; groups are ordered and named deterministically (resume restores by order).
@@ -109,9 +118,11 @@ def param_groups(
             if mode != "full":
                 raise ValueError(f"{name}: encoder parameter trainable in train.mode={mode!r}")
             scale = layer_scale(encoder_layer_id(name[len("image_encoder.") :], encoder), depth, layer_decay)
+        elif _is_task_prompt(name):
+            scale = float(task_prompt_lr_scale)
         else:
             scale = 1.0
-        wd = 0.0 if _no_weight_decay(name, p) else float(weight_decay)
+        wd = 0.0 if (_no_weight_decay(name, p) or _is_task_prompt(name)) else float(weight_decay)
         g = groups.setdefault((scale, wd), {"params": [], "names": [], "lr_scale": scale, "weight_decay": wd})
         g["params"].append(p)
         g["names"].append(name)
@@ -131,12 +142,13 @@ def build_optimizer(
     weight_decay: float,
     layer_decay: float,
     betas: Iterable[float] = (0.9, 0.999),
+    task_prompt_lr_scale: float = 1.0,
 ) -> torch.optim.AdamW:
     """AdamW over `param_groups` (spec §8.1: AdamW, β = (0.9, 0.999), lr 1e-5, layer decay 0.8).
 
     The group dicts keep ``names`` and ``lr_scale`` for inspection; AdamW ignores extra keys.
     """
-    groups = param_groups(sam, lr, weight_decay, layer_decay, mode)
+    groups = param_groups(sam, lr, weight_decay, layer_decay, mode, task_prompt_lr_scale)
     if not groups:
         raise ValueError(f"train.mode={mode!r}: no trainable parameters")
     # foreach=False: the same per-parameter kernel on every rank and world size (DDP equivalence).

@@ -32,8 +32,9 @@ Engineering:
   All randomness of a step comes from per-image generators seeded by (seed, step, slot), never by
   the rank, so W processes compute what one process computes (tests check 1e-5); the global RNGs
   are seeded with seed + rank.
-- **Precision.** bf16 autocast on CUDA (spec A2), with the encoder fast path (`sum.model.fast`);
-  losses in fp32. fp32 on CPU.
+- **Precision.** bf16 autocast (spec A2) on CUDA, with the encoder fast path (`sum.model.fast`),
+  and in decoder mode on CPUs with native bf16 (`forward_autocast`, ``train.precision``); losses
+  in fp32.
 - **Checkpoints.** ``<run_dir>/<method>/train_state.pt`` every ``checkpoint_every`` steps, at the
   end and when SIGTERM/SIGINT arrives (the step in flight finishes first), written atomically:
   model, optimizer, scheduler, step, loss history, RNG states, the MLflow run id. A later call
@@ -760,7 +761,8 @@ def finetune(
     broadcast_parameters(sam, info)
     trainable = [p for p in sam.parameters() if p.requires_grad]
     optimizer = build_optimizer(
-        sam, mode=t.mode, lr=t.lr, weight_decay=t.weight_decay, layer_decay=t.layer_decay, betas=t.betas
+        sam, mode=t.mode, lr=t.lr, weight_decay=t.weight_decay, layer_decay=t.layer_decay, betas=t.betas,
+        task_prompt_lr_scale=t.task_prompt_lr_scale,
     )
     scheduler = build_scheduler(optimizer, t.warmup_iters)
     key = resume_key(cfg, method)
@@ -777,7 +779,7 @@ def finetune(
         system_metrics=cfg.tracking.system_metrics,
     )
     tracker.log_params({**flatten(cfg), **flatten(dataclasses.asdict(method), "method.")})
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda" else nullcontext()
+    autocast = forward_autocast(t.precision, info.device, t.mode)
     stop = StopSignals()
     bar = _progress(t.iterations, step, disable=info.rank != 0)
     t0, images_done, status = time.perf_counter(), 0, "FAILED"
@@ -869,6 +871,26 @@ def finetune(
     tracker.finish("FINISHED")
     _teardown(info)
     return result
+
+
+def forward_autocast(precision: str, device: torch.device, mode: str):
+    """The forward's autocast context (spec A2: bf16; losses stay fp32, see `to_loss_frame`).
+
+    ``auto``: bf16 on CUDA, and on a CPU with native bf16 (avx512_bf16 / AMX) in ``decoder``
+    mode, where the decoder's matmuls run 1.6x faster (measured on MobileSAM's decoder, 4 masks,
+    forward + backward: 0.50 s fp32, 0.31 s bf16); fp32 elsewhere. ``bf16`` / ``fp32`` force it.
+
+    Raises:
+      ValueError: naming ``train.precision`` for another value.
+    """
+    from sum.model.fast import _cpu_has_native_bf16
+
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"train.precision: {precision!r} is not one of auto, bf16, fp32")
+    bf16 = precision == "bf16" or (
+        precision == "auto" and (device.type == "cuda" or (mode == "decoder" and _cpu_has_native_bf16()))
+    )
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def _teardown(info: DistInfo, barrier: bool = True) -> None:
