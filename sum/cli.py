@@ -96,7 +96,7 @@ def cmd_uncertainty_report(cfg: Config, args: argparse.Namespace) -> None:
 def cmd_finetune(cfg: Config, args: argparse.Namespace) -> None:
     from sum.train.trainer import finetune
 
-    finetune(cfg)
+    finetune(cfg, args.method)
 
 
 def cmd_validate(cfg: Config, args: argparse.Namespace) -> None:
@@ -109,6 +109,12 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> None:
     from sum.eval.demo import run_demo
 
     run_demo(cfg)
+
+
+def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
+    from sum.eval.evaluate import run_evaluate
+
+    run_evaluate(cfg)
 
 
 def cmd_export_sam(cfg: Config, args: argparse.Namespace) -> None:
@@ -135,6 +141,7 @@ STAGES: dict[str, Callable[[Config, argparse.Namespace], None]] = {
     "uncertainty-report": cmd_uncertainty_report,
     "finetune": cmd_finetune,
     "demo": cmd_demo,
+    "evaluate": cmd_evaluate,
     "export-sam": cmd_export_sam,
 }
 
@@ -148,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", help="export-sam: SUM checkpoint (path, s3:// or https://)")
     p.add_argument("--sha256", help="export-sam: expected sha256 of --src")
     p.add_argument("--out", help="export-sam: output SAM state dict; validate: report path")
+    p.add_argument("--method", help="finetune: the method to train (params/method/<name>.yaml; default: the config's)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

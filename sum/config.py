@@ -240,6 +240,8 @@ class RefineConfig:
     loss_size: int = 256  # loss resolution (padded frame side); 1024 = spec A10
     seed: int = 0
     val_fraction: float = 0.2
+    patience: int = 2  # stop after this many epochs without a better val mIoU (0: never early)
+    bf16: bool = False  # train under bf16 autocast (weights and optimiser stay fp32)
     max_images: int = 0  # images of the dataset used; 0 = all
 
 
@@ -261,9 +263,9 @@ class UncertaintyConfig:
     n_panel_images: int = 4
     max_report_images: int = 0  # images scored per dataset; 0 = all
     hidden_gt: str = "hidden_gt/annotations_*.json"
-    region_margin: float = 0.1  # scoring region: pseudo-label box grown by this fraction of its side
+    region_margin: float = 0.1  # scoring region: pseudo-label box ∪ matched-GT box, grown by this fraction of its side
     region_min_px: int = 8  # ... and by at least this many pixels
-    min_match_iou: float = 0.5  # headline metrics use pseudo labels whose best GT match reaches this
+    min_match_iou: float = 0.5  # a pseudo label's best GT is its counterpart at this IoU (panoptic-quality rule)
 
 
 # ---- paper Eq. 3 -----------------------------------------------------------------------------
@@ -289,6 +291,7 @@ class TrainConfig:
     mode: str = "decoder"  # full | decoder (prompt encoder + mask decoder + task prompt; cached embeddings)
     iterations: int = 12
     lr: float = 1e-5
+    task_prompt_lr_scale: float = 1.0  # lr multiplier of the task embeddings (see sum.train.optim)
     weight_decay: float = 0.1  # A2
     layer_decay: float = 0.8  # §8.1
     rounds: int = 7
@@ -312,6 +315,9 @@ class TrainConfig:
     uncertainty_dir: str = "data/uncertainty"
     pseudo_min_ratio: float = 100.0  # §3.5
     pseudo_max_ratio: float = 0.95
+    # autocast of the forward (spec A2: bf16): auto = bf16 on CUDA, and on CPUs with native bf16
+    # (avx512_bf16 / AMX) in decoder mode; bf16 | fp32 force it. Losses are fp32 either way.
+    precision: str = "auto"
 
 
 @dataclass
@@ -337,9 +343,32 @@ class DemoConfig:
 
 @dataclass
 class EvalConfig:
-    """Benchmark evaluation (spec §10)."""
+    """Benchmark evaluation (spec §10; ``sum evaluate``, `sum.eval.evaluate.run_evaluate`).
 
-    rounds: int = 5
+    ``models`` maps a column name to a checkpoint: "" is ``model`` itself (the foundation
+    checkpoint), a path a SUM checkpoint of ``finetune`` (its ``meta.method`` decides the task
+    prompt, spec §13 A3) or a plain SAM state dict. Its default lives in params/eval/default.yaml
+    (foundation, hq_only, vanilla, sum) and not here, so that ``~eval.models.<name>`` can drop a
+    model (a schema default would be merged back in). The caps and ``box_rounds`` keep the
+    embedded default within about 4 minutes on 2 CPU cores; 0 caps mean the paper's protocol.
+    """
+
+    models: Dict[str, str] = field(default_factory=dict)  # name -> checkpoint; see params/eval/default.yaml
+    datasets: List[str] = field(default_factory=list)  # names in data.datasets; empty = every benchmark
+    protocols: List[str] = field(default_factory=lambda: ["point", "box", "boundary"])  # spec §10.3
+    rounds: int = 6  # point protocol: clicks, prompts accumulating (spec §10.3)
+    box_rounds: int = 3  # box protocol: the tight box, then box_rounds - 1 clicks (paper: 6)
+    selection: str = "oracle"  # oracle (best of 3 outputs for a single prompt) | token0 (one output)
+    task_prompt_zero: List[str] = field(default_factory=lambda: ["point"])  # protocols with <model>@tp0 (A3)
+    max_images: int = 4  # per benchmark, first in dataset order; 0 = all
+    max_masks_per_image: int = 3  # non-empty masks spread over the area ranking; 0 = all
+    boundary_width: int = 10  # px band of the boundary protocol's click (spec §10.3)
+    precision: str = "fp32"  # decoder autocast: fp32 | bf16 (1.4x faster on CPU, moves benchmark means by up to 0.05)
+    threads: int = 1  # torch intra-op threads during the run (restored after); 0 = leave torch's setting
+    n_panels: int = 2  # images per benchmark in outputs/eval/panels/<benchmark>.png
+    metrics: str = "metrics/eval.json"
+    plots_dir: str = "plots/eval"
+    out_dir: str = "outputs/eval"
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 

@@ -1,0 +1,309 @@
+"""Reports of the ``evaluate`` stage: metrics JSON, curves, the paper-style table, panels (spec §10-11).
+
+Everything here turns `sum.eval.evaluate.summarise`'s nested dict (model -> protocol -> per-round
+aggregates) into files, written atomically:
+
+- ``eval.metrics`` (DVC metrics): ``{model: {protocol: {"overall": {...}, "tasks": {task: {...}},
+  "datasets": {name: {...}}}}}`` where ``{...}`` holds ``miou_<n>`` and ``mbiou_<n>`` after rounds
+  n = 1, 3 and the last (fractions in [0, 1], 4 decimals) and, for the point protocol, ``noc85``
+  and ``noc90`` (mean number of clicks to reach IoU 0.85 / 0.90, the round budget when never).
+- ``<plots_dir>/{point,box}_{miou,mbiou}.csv``: the overall score after each round, one column
+  per model (``clicks`` or ``round``, then the models), for one DVC plot with a line per model.
+- ``<out_dir>/table.md``: the paper's main-table layout (Tab. 1: metric x task + overall,
+  columns = models) per protocol and round, then the per-benchmark layout (Tab. 14: cells
+  ``mIoU / mBIoU``), in percent; the best value of a row in bold.
+- ``<out_dir>/panels/<benchmark>.png``: image, ground truth, each model's masks after rounds 1
+  and 3 with its clicks (green positive, red negative).
+- ``<out_dir>/per_mask.csv``: one row per target, model and protocol (debugging).
+- ``<out_dir>/run.json``: the models (checkpoint, method, task prompt per benchmark, encoder),
+  the benchmarks (task, images and masks evaluated), the eval config and the timings.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from sum.io import atomic_path, atomic_write_text
+
+CURVE_X = {"point": "clicks", "box": "round"}
+METRIC_LABEL = {"miou": "mIoU", "mbiou": "mBIoU"}
+PROTOCOL_TITLE = {
+    "point": "Point prompts: first click at the interior-most point, then one corrective click per round",
+    "box": "Box prompt: the tight ground-truth box, then one corrective click per round",
+    "boundary": "Boundary prompt: one click at the 'median' boundary point (Tab. 5)",
+}
+
+
+def report_rounds(rounds: int) -> List[int]:
+    """The rounds reported in the JSON and the table: 1, 3 and the last (those that exist)."""
+    return sorted({1, min(3, rounds), rounds})
+
+
+def _values(entry: Dict, pick) -> Dict[str, float]:
+    rounds = report_rounds(entry["rounds"])
+    out = {}
+    for metric in ("miou", "mbiou"):
+        for r in rounds:
+            out[f"{metric}_{r}"] = round(float(pick(entry[metric][r - 1])), 4)
+    for key in ("noc85", "noc90"):
+        if key in entry:
+            out[key] = round(float(pick(entry[key])), 4)
+    return out
+
+
+def metrics_json(summary: Dict, dataset_task: Dict[str, str]) -> Dict:
+    """The compact DVC metrics (module docstring) of `summarise`'s output."""
+    out: Dict = {}
+    for model, protocols in summary.items():
+        out[model] = {}
+        for protocol, e in protocols.items():
+            last = e["miou"][0]
+            out[model][protocol] = {
+                "overall": _values(e, lambda a: a["overall"]),
+                "tasks": {t: _values(e, lambda a, t=t: a["tasks"][t]) for t in last["tasks"]},
+                "datasets": {d: _values(e, lambda a, d=d: a["datasets"][d]) for d in last["datasets"]},
+            }
+    return out
+
+
+def curves(summary: Dict, protocol: str, metric: str) -> tuple[List[str], List[List]]:
+    """Header and rows of a per-round curve: ``clicks`` (or ``round``), then one column per model
+    that ran ``protocol``, overall ``metric`` after each round."""
+    models = [m for m, ps in summary.items() if protocol in ps]
+    rounds = max(summary[m][protocol]["rounds"] for m in models)
+    header = [CURVE_X.get(protocol, "round"), *models]
+    rows = []
+    for r in range(rounds):
+        row = [r + 1]
+        for m in models:
+            series = summary[m][protocol][metric]
+            row.append(round(series[r]["overall"], 4) if r < len(series) else "")
+        rows.append(row)
+    return header, rows
+
+
+def _csv_text(header: Sequence, rows: Sequence[Sequence]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _pct(v) -> str:
+    return "" if v is None else f"{100 * v:.1f}"
+
+
+def _row(label: List[str], values: List, higher_better: bool = True, fmt=_pct) -> str:
+    shown = [fmt(v) for v in values]
+    present = [v for v in values if v is not None]
+    if len(present) > 1:
+        best = max(present) if higher_better else min(present)
+        shown = [f"**{s}**" if v is not None and fmt(v) == fmt(best) else s for s, v in zip(shown, values)]
+    return "| " + " | ".join(label + shown) + " |"
+
+
+def markdown_table(summary: Dict, dataset_task: Dict[str, str], selection: str) -> str:
+    """The paper-style tables (module docstring) as markdown."""
+    models = list(summary)
+    protocols = list(dict.fromkeys(p for m in models for p in summary[m]))
+    tasks = list(dict.fromkeys(dataset_task.values()))
+    lines = [
+        "# Interactive segmentation benchmarks (spec §10)",
+        "",
+        f"Scores in percent; output selection `{selection}` (spec §10.3). Task rows are the mean of "
+        "their benchmarks' means; Overall is the mean of all benchmark means (spec §10.2). "
+        "Best value of a row in bold.",
+        "",
+    ]
+    for protocol in protocols:
+        cols = [m for m in models if protocol in summary[m]]
+        rounds = report_rounds(max(summary[m][protocol]["rounds"] for m in cols))
+        unit = "clicks" if protocol == "point" else "rounds"
+        lines += [f"## {protocol}", "", PROTOCOL_TITLE[protocol] + ".", ""]
+        for r in rounds:
+            lines += [f"### {protocol}, {r} {unit if r > 1 else unit[:-1]}", ""]
+            lines.append("| Metric | Task | " + " | ".join(cols) + " |")
+            lines.append("|---|---|" + "---|" * len(cols))
+            for metric in ("miou", "mbiou"):
+                for t in tasks:
+                    vals = [_get(summary[m][protocol], metric, r, "tasks", t) for m in cols]
+                    lines.append(_row([METRIC_LABEL[metric], t], vals))
+                vals = [_get(summary[m][protocol], metric, r, "overall") for m in cols]
+                lines.append(_row([METRIC_LABEL[metric], "**Overall**"], vals))
+            lines.append("")
+            lines += [f"Per benchmark, `mIoU / mBIoU` after {r} {unit if r > 1 else unit[:-1]}:", ""]
+            lines.append("| Benchmark | Task | masks | " + " | ".join(cols) + " |")
+            lines.append("|---|---|---|" + "---|" * len(cols))
+            for t in tasks:
+                for d in [d for d, dt in dataset_task.items() if dt == t]:
+                    cells = []
+                    for m in cols:
+                        a = _get(summary[m][protocol], "miou", r, "datasets", d)
+                        b = _get(summary[m][protocol], "mbiou", r, "datasets", d)
+                        cells.append("" if a is None else f"{_pct(a)} / {_pct(b)}")
+                    n = summary[cols[0]][protocol]["n_masks"].get(d, 0)
+                    lines.append("| " + " | ".join([d, t, str(n), *cells]) + " |")
+            lines.append("")
+        if protocol == "point" and "noc85" in summary[cols[0]][protocol]:
+            budget = summary[cols[0]][protocol]["rounds"]
+            lines += [f"### point, NoC (mean clicks to reach the IoU; {budget} when never reached)", ""]
+            lines.append("| Metric | Task | " + " | ".join(cols) + " |")
+            lines.append("|---|---|" + "---|" * len(cols))
+            for key, label in (("noc85", "NoC@85"), ("noc90", "NoC@90")):
+                for t in tasks:
+                    vals = [summary[m][protocol][key]["tasks"].get(t) for m in cols]
+                    lines.append(_row([label, t], vals, higher_better=False, fmt=_num))
+                vals = [summary[m][protocol][key]["overall"] for m in cols]
+                lines.append(_row([label, "**Overall**"], vals, higher_better=False, fmt=_num))
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _num(v) -> str:
+    return "" if v is None else f"{v:.2f}"
+
+
+def _get(entry: Dict, metric: str, r: int, scope: str, name: str | None = None):
+    series = entry[metric]
+    if r > len(series):
+        return None
+    agg = series[r - 1][scope]
+    return agg if name is None else agg.get(name)
+
+
+def per_mask_rows(records) -> tuple[List[str], List[List]]:
+    """The per-mask CSV: identifiers, area, task prompt, NoC, IoU and boundary IoU per round,
+    and the clicks as ``x:y:label`` separated by spaces."""
+    max_r = max(len(r.iou) for r in records)
+    header = ["model", "protocol", "dataset", "image_id", "ann_id", "area", "task_prompt", "noc85", "noc90"]
+    header += [f"iou_{r + 1}" for r in range(max_r)] + [f"biou_{r + 1}" for r in range(max_r)] + ["clicks"]
+    rows = []
+    for rec in records:
+        pad = [""] * (max_r - len(rec.iou))
+        rows.append(
+            [rec.model, rec.protocol, rec.dataset, rec.image_id, rec.ann_id, rec.area, rec.task_prompt,
+             rec.noc.get("noc85", ""), rec.noc.get("noc90", "")]
+            + [round(v, 6) for v in rec.iou] + pad
+            + [round(v, 6) for v in rec.biou] + pad
+            + [" ".join(f"{c.x}:{c.y}:{c.label}" for c in rec.clicks)]
+        )
+    return header, rows
+
+
+def save_panels(panels, out_dir: Path) -> List[Path]:
+    """One PNG per benchmark. Each image takes two columns: the image and its targets on top,
+    then one row per model with its masks after rounds 1 and 3 and the clicks given so far
+    (green positive, red negative)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sum.eval.demo import _overlay
+
+    by_dataset: Dict[str, list] = {}
+    for p in panels:
+        by_dataset.setdefault(p.dataset, []).append(p)
+    paths = []
+    for name, images in by_dataset.items():
+        models = list(images[0].masks)
+        rounds = sorted(images[0].masks[models[0]]) if models else []
+        n_cols = max(2, len(rounds)) * len(images)
+        fig, axes = plt.subplots(1 + len(models), n_cols, figsize=(2.4 * n_cols, 2.1 * (1 + len(models))), squeeze=False)
+        for ax in axes.flat:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+        width = n_cols // len(images)
+        for i, p in enumerate(images):
+            c0 = i * width
+            axes[0, c0].imshow(p.image)
+            axes[0, c0].set_title(f"{name} / {p.image_id}", fontsize=7)
+            axes[0, c0 + 1].imshow(_overlay(p.image, p.gt_khw))
+            axes[0, c0 + 1].set_title(f"ground truth ({len(p.gt_khw)} masks)", fontsize=7)
+            for row, m in enumerate(models, start=1):
+                for j, r in enumerate(rounds):
+                    ax = axes[row, c0 + j]
+                    ax.imshow(_overlay(p.image, p.masks[m][r]))
+                    clicks = [c for per_target in p.clicks[m][r] for c in per_target]
+                    if clicks:
+                        xy = np.array([(c.x, c.y) for c in clicks])
+                        colour = ["lime" if c.label == 1 else "red" for c in clicks]
+                        ax.scatter(xy[:, 0], xy[:, 1], c=colour, s=12, edgecolors="black", linewidths=0.5)
+                    unit = "click" if p.protocol == "point" else "round"
+                    ax.set_title(f"{p.protocol}, {r} {unit}{'s' if r > 1 else ''}", fontsize=7)
+                    if c0 + j == 0:
+                        ax.set_ylabel(m, fontsize=8)
+        fig.tight_layout()
+        path = out_dir / "panels" / f"{name}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=60)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_outputs(cfg, summary, metrics, records, panels, dataset_task, info) -> Dict:
+    """Write every output of the stage (module docstring); return their paths by key."""
+    ev = cfg.eval
+    out_dir, plots_dir = Path(ev.out_dir), Path(ev.plots_dir)
+    paths: Dict = {"metrics": Path(ev.metrics)}
+    atomic_write_text(ev.metrics, json.dumps(metrics, indent=2) + "\n")
+    for protocol in ("point", "box"):
+        if not any(protocol in ps for ps in summary.values()):
+            continue
+        for metric in ("miou", "mbiou"):
+            path = plots_dir / f"{protocol}_{metric}.csv"
+            atomic_write_text(path, _csv_text(*curves(summary, protocol, metric)))
+            paths[f"{protocol}_{metric}"] = path
+    paths["table"] = out_dir / "table.md"
+    atomic_write_text(paths["table"], markdown_table(summary, dataset_task, ev.selection) + "\n")
+    paths["per_mask"] = out_dir / "per_mask.csv"
+    atomic_write_text(paths["per_mask"], _csv_text(*per_mask_rows(records)))
+    paths["panels"] = save_panels(panels, out_dir) if panels else []
+    paths["run"] = out_dir / "run.json"
+    return paths
+
+
+def write_run_json(path: Path, info: Dict) -> None:
+    atomic_write_text(path, json.dumps(info, indent=2, default=str) + "\n")
+
+
+_MLFLOW_BAD = re.compile(r"[^/\w.\- ]")
+
+
+def mlflow_key(key: str) -> str:
+    """A metric name MLflow accepts (letters, digits, ``_ - . / space``): ``sum@tp0`` -> ``sum_tp0``."""
+    return _MLFLOW_BAD.sub("_", key)
+
+
+def mlflow_metrics(metrics: Dict, prefix: str = "") -> Dict[str, float]:
+    """The metrics JSON flattened to ``model/protocol/scope[/name]/metric`` MLflow keys."""
+    out: Dict[str, float] = {}
+    for k, v in metrics.items():
+        key = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(mlflow_metrics(v, key))
+        else:
+            out[mlflow_key(key)] = float(v)
+    return out
+
+
+def mlflow_curves(summary: Dict) -> Dict[int, Dict[str, float]]:
+    """Overall mIoU / mBIoU per round as MLflow step metrics: step -> ``curve/model/protocol/metric``."""
+    steps: Dict[int, Dict[str, float]] = {}
+    for model, protocols in summary.items():
+        for protocol, e in protocols.items():
+            for metric in ("miou", "mbiou"):
+                for r, agg in enumerate(e[metric]):
+                    steps.setdefault(r + 1, {})[mlflow_key(f"curve/{model}/{protocol}/{metric}")] = agg["overall"]
+    return steps

@@ -1,0 +1,434 @@
+"""The ``evaluate`` stage (spec §10, §13 A3/A8/A11): the whole run on a tiny model and two tiny
+benchmarks, the protocols against a hand-written per-mask loop over `SumPredictor.predict`, the
+oracle selection, the task-prompt rule, config errors, and the scores against pycocotools and the
+boundary-iou-api definition."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+import sum.config as sc
+from sum.data.dataset import CocoDataset
+from sum.data.formats import masks_to_boxes
+from sum.eval import evaluate as ev_mod
+from sum.eval.clicker import first_click, next_click
+from sum.eval.evaluate import run_evaluate, run_protocol, select_targets, task_prompts
+from sum.model.predictor import SumPredictor
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny ops on a shared 2-core machine: one intra-op thread is much faster than two (module
+    scope, so that the module-scoped run below has it too)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- independent references ------------------------------------------------------------------
+
+
+def coco_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    def rle(m):
+        return mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+
+    return float(mask_utils.iou([rle(pred)], [rle(gt)], [0])[0, 0])
+
+
+def api_boundary(mask: np.ndarray, dilation_ratio: float = 0.02) -> np.ndarray:
+    """boundary-iou-api's ``mask_to_boundary``: erode a zero-padded mask d times with a 3x3 kernel."""
+    mask = mask.astype(np.uint8)
+    h, w = mask.shape
+    dilation = max(1, int(round(dilation_ratio * np.sqrt(h**2 + w**2))))
+    padded = cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    eroded = cv2.erode(padded, np.ones((3, 3), np.uint8), iterations=dilation)[1 : h + 1, 1 : w + 1]
+    return mask - eroded
+
+
+def api_boundary_iou(gt: np.ndarray, dt: np.ndarray) -> float:
+    g, d = api_boundary(gt), api_boundary(dt)
+    union = ((g + d) > 0).sum()
+    return float(((g * d) > 0).sum() / union) if union else 0.0
+
+
+# ---- world: two tiny benchmarks, a tiny model, its embeddings, fine-tuned checkpoints -----------
+
+
+def tiny_model_cfg() -> sc.ModelConfig:
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.load(REPO / "params" / "model" / "tiny.yaml")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(sc.ModelConfig), raw))
+    cfg.device, cfg.fast_path = "cpu", "off"
+    return cfg
+
+
+def make_cfg(root: Path, data: dict, **eval_fields) -> sc.Config:
+    """A config of the tiny model over ``data``; embeddings under ``<data's world>/embeddings``,
+    outputs under ``root``."""
+    cfg = sc.Config(model=tiny_model_cfg())
+    cfg.data.datasets = data
+    world_root = Path(data["hq"].images).parent.parent.parent
+    cfg.embed = sc.EmbedConfig(out_dir=str(world_root / "embeddings"), datasets=["b_salient", "b_part"])
+    cfg.tracking = sc.TrackingConfig(enabled=False, system_metrics=False)
+    fields = dict(
+        models={"foundation": ""},
+        rounds=3,
+        box_rounds=2,
+        max_images=0,
+        max_masks_per_image=3,
+        precision="fp32",
+        n_panels=1,
+        metrics=str(root / "metrics" / "eval.json"),
+        plots_dir=str(root / "plots"),
+        out_dir=str(root / "out"),
+    )
+    fields.update(eval_fields)
+    cfg.eval = dataclasses.replace(cfg.eval, **fields)
+    return cfg
+
+
+def perturbed_checkpoint(path: Path, method: str, part: str, seed: int) -> Path:
+    """The tiny foundation model (seed 0) with ``part`` (decoder or encoder) and the task prompts
+    nudged, saved as a SUM checkpoint whose meta names ``method``."""
+    from sum.model.checkpoint import build_model, save_sum_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(tiny_model_cfg())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        module = model.mask_decoder if part == "decoder" else model.image_encoder
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g) * p.abs().mean().clamp(min=1e-3))
+        for i, emb in enumerate(model.prompt_encoder.task_prompt_embedding):
+            if i:
+                emb.weight.copy_(0.5 * torch.randn(emb.weight.shape, generator=g))
+    return save_sum_checkpoint(model, tiny_model_cfg(), path, meta={"method": method})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from sum.data.synthetic import generate_set
+    from sum.model.embeddings import run_embed
+
+    root = tmp_path_factory.mktemp("evaluate")
+    data = {}
+    for name, task, role, n in (("hq", "salient", "labeled", 1), ("b_salient", "salient", "benchmark", 3),
+                                ("b_part", "part", "benchmark", 2)):
+        folder = generate_set(root / "world", name, sc.WorldSetConfig(task=task, role=role, n_images=n, seed=len(data) + 4),
+                              image_size=128, workers=1)
+        data[name] = sc.DatasetConfig(format="coco", images=str(folder / "images"),
+                                      annotations=str(folder / "annotations.json"), task=task, role=role)
+    cfg = make_cfg(root, data)
+    run_embed(cfg)
+    ckpts = {
+        "sum": perturbed_checkpoint(root / "models" / "sum.pt", "sum", "decoder", 1),
+        "vanilla": perturbed_checkpoint(root / "models" / "vanilla.pt", "vanilla", "decoder", 2),
+        "full_ft": perturbed_checkpoint(root / "models" / "full.pt", "sum", "encoder", 3),
+    }
+    return root, data, ckpts
+
+
+@pytest.fixture(scope="module")
+def run(world):
+    root, data, ckpts = world
+    models = {"foundation": "", "vanilla": str(ckpts["vanilla"]), "sum": str(ckpts["sum"]), "full_ft": str(ckpts["full_ft"])}
+    cfg = make_cfg(root / "run", data, models=models)
+    metrics = run_evaluate(cfg)
+    return cfg, metrics
+
+
+@pytest.fixture(scope="module")
+def predictor_and_sample(world):
+    """The tiny foundation model on the part benchmark's first image (several masks)."""
+    root, data, _ = world
+    from sum.model.checkpoint import load_model
+
+    torch.manual_seed(0)
+    predictor = SumPredictor(load_model(tiny_model_cfg()).eval())
+    ds = CocoDataset(data["b_part"].images, data["b_part"].annotations, task="part")
+    sample = ds[0]
+    predictor.set_image(sample.image)
+    gt = sample.masks[select_targets(sample.masks, 4)]
+    assert len(gt) >= 3
+    return predictor, gt
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---- the whole stage ---------------------------------------------------------------------------
+
+
+def test_run_writes_all_outputs_and_they_agree(run):
+    cfg, metrics = run
+    ev = cfg.eval
+    on_disk = json.loads(Path(ev.metrics).read_text())
+    assert on_disk == metrics
+    assert list(metrics) == ["foundation", "vanilla", "sum", "sum@tp0", "full_ft", "full_ft@tp0"]
+    assert set(metrics["sum"]) == {"point", "box", "boundary"} and set(metrics["sum@tp0"]) == {"point"}
+    point = metrics["sum"]["point"]
+    assert set(point["overall"]) == {"miou_1", "miou_3", "mbiou_1", "mbiou_3", "noc85", "noc90"}
+    assert set(metrics["sum"]["box"]["overall"]) == {"miou_1", "miou_2", "mbiou_1", "mbiou_2"}
+    assert set(point["tasks"]) == {"salient", "part"} and set(point["datasets"]) == {"b_salient", "b_part"}
+
+    # per-mask CSV -> dataset means -> task means and overall (spec §10.2) == the metrics JSON
+    rows = read_csv(Path(ev.out_dir) / "per_mask.csv")
+    for model, protocols in metrics.items():
+        for protocol, m in protocols.items():
+            for key, values in m["overall"].items():
+                metric, _, r = key.partition("_")
+                column = {"miou": f"iou_{r}", "mbiou": f"biou_{r}"}.get(metric, key)
+                means = {}
+                for d in ("b_salient", "b_part"):
+                    sel = [float(x[column]) for x in rows if (x["model"], x["protocol"], x["dataset"]) == (model, protocol, d)]
+                    assert sel, (model, protocol, d)
+                    means[d] = float(np.mean(sel))
+                    assert m["datasets"][d][key] == pytest.approx(means[d], abs=1e-4)
+                    assert m["tasks"][{"b_salient": "salient", "b_part": "part"}[d]][key] == pytest.approx(means[d], abs=1e-4)
+                assert values == pytest.approx(np.mean(list(means.values())), abs=1e-4)
+
+    # curves: one column per model, the row of a round == the JSON's overall
+    curve = read_csv(Path(ev.plots_dir) / "point_miou.csv")
+    assert list(curve[0]) == ["clicks", *metrics]
+    assert [int(r["clicks"]) for r in curve] == [1, 2, 3]
+    for model in metrics:
+        assert float(curve[0][model]) == pytest.approx(metrics[model]["point"]["overall"]["miou_1"], abs=1e-4)
+        assert float(curve[2][model]) == pytest.approx(metrics[model]["point"]["overall"]["miou_3"], abs=1e-4)
+    box = read_csv(Path(ev.plots_dir) / "box_mbiou.csv")
+    assert list(box[0]) == ["round", "foundation", "vanilla", "sum", "full_ft"] and len(box) == 2
+    assert (Path(ev.plots_dir) / "point_mbiou.csv").is_file() and (Path(ev.plots_dir) / "box_miou.csv").is_file()
+
+    table = (Path(ev.out_dir) / "table.md").read_text()
+    overall = f"{100 * metrics['sum']['point']['overall']['miou_3']:.1f}"
+    assert "### point, 3 clicks" in table and "NoC@90" in table and overall in table
+    for name in ("b_salient", "b_part"):
+        png = Path(ev.out_dir) / "panels" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    info = json.loads((Path(ev.out_dir) / "run.json").read_text())
+    # decoder-mode checkpoints reuse the cached embeddings; the one with another encoder encodes
+    n_images = 3 + 2
+    assert info["embeddings"] == {"from_cache": n_images, "encoded": n_images}
+    assert info["benchmarks"]["b_part"]["masks_evaluated"] <= 2 * 3
+    assert set(info["timings_s"]) >= {"decoder", "metrics", "embeddings", "total"}
+
+
+def test_task_prompt_at_test_time_follows_a3(run):
+    cfg, metrics = run
+    info = json.loads((Path(cfg.eval.out_dir) / "run.json").read_text())
+    tp = {m: v["task_prompt_round1"] for m, v in info["models"].items()}
+    # salient is trained (labeled set "hq"), part is not; vanilla and the foundation use no task prompt
+    assert tp["sum"] == {"b_salient": 1, "b_part": 0} and tp["full_ft"] == {"b_salient": 1, "b_part": 0}
+    assert tp["sum@tp0"] == tp["vanilla"] == tp["foundation"] == {"b_salient": 0, "b_part": 0}
+    rows = read_csv(Path(cfg.eval.out_dir) / "per_mask.csv")
+    assert {r["task_prompt"] for r in rows if (r["model"], r["dataset"]) == ("sum", "b_salient")} == {"1"}
+    assert {r["task_prompt"] for r in rows if r["model"] != "sum" and r["model"] != "full_ft"} == {"0"}
+    # on the untrained task the @tp0 variant is the same prompting, hence the same numbers
+    assert metrics["sum@tp0"]["point"]["datasets"]["b_part"] == metrics["sum"]["point"]["datasets"]["b_part"]
+    assert metrics["sum@tp0"]["point"]["datasets"]["b_salient"] != metrics["sum"]["point"]["datasets"]["b_salient"]
+
+
+def test_task_prompts_rule():
+    trained = ["salient", "unspecified"]
+    assert task_prompts("salient", trained, 3, use_task_prompt=True) == [1, 0, 0]
+    assert task_prompts("entity", trained, 3, use_task_prompt=True) == [0, 0, 0]  # not trained
+    assert task_prompts("part", ["part"], 2, use_task_prompt=True) == [3, 0]
+    assert task_prompts("entity", ["entity"], 2, use_task_prompt=True) == [2, 0]
+    assert task_prompts("salient", trained, 3, use_task_prompt=False) == [0, 0, 0]
+    assert task_prompts("salient", trained, 3, use_task_prompt=True, continuous=True) == [1, 1, 1]
+
+
+def test_decoder_receives_the_round_task_prompt(predictor_and_sample, monkeypatch):
+    predictor, gt = predictor_and_sample
+    seen = []
+    real = ev_mod.decode
+
+    def spy(*args, **kwargs):
+        seen.append(args[5])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev_mod, "decode", spy)
+    run_protocol(predictor, gt, "point", 3, "oracle", task_prompts("part", ["part"], 3, True))
+    assert seen == [3, 0, 0]
+
+
+# ---- protocols against a per-mask loop over SumPredictor.predict --------------------------------
+
+
+@pytest.fixture()
+def exact_distances(monkeypatch):
+    """cv2's DIST_MASK_PRECISE transform rounds differently with the buffer's alignment (1e-6),
+    which flips argmax ties between two otherwise identical calls; these tests compare two click
+    sequences, so they use scipy's exact transform (float64 sqrt of integer squares) instead."""
+    from scipy import ndimage
+
+    import sum.eval.clicker as clicker
+
+    def interior_distance(mask):
+        padded = np.pad(np.asarray(mask).astype(bool), 1, constant_values=False)
+        return ndimage.distance_transform_edt(padded)[1:-1, 1:-1]
+
+    monkeypatch.setattr(clicker, "interior_distance", interior_distance)
+
+
+def reference_rounds(predictor, gt, protocol, rounds, selection="oracle"):
+    """One mask at a time through `SumPredictor.predict`: accumulated prompts, the previous
+    round's low-res logits of the selected output as mask input, pycocotools IoU for the oracle."""
+    box = masks_to_boxes(gt[None])[0] if protocol == "box" else None
+    clicks = [first_click(gt)] if protocol == "point" else []
+    ious, pred, mask_input = [], None, None
+    for r in range(rounds):
+        if r > 0:
+            clicks.append(next_click(gt, pred, clicks))
+        kw = {"boxes": box, "mask_input": mask_input}
+        if clicks:
+            kw["point_coords"] = np.array([[c.x, c.y] for c in clicks], np.float32)
+            kw["point_labels"] = np.array([c.label for c in clicks])
+        single = len(clicks) + (box is not None) == 1
+        masks, _, low = predictor.predict(**kw, multimask_output=single and selection == "oracle")
+        cand = [coco_iou(masks[0, j], gt) for j in range(masks.shape[1])]
+        j = int(np.argmax(cand))
+        pred, mask_input = masks[0, j], low[0, j][None]
+        ious.append(cand[j])
+    return ious, clicks
+
+
+@pytest.mark.parametrize("protocol, selection", [("point", "oracle"), ("box", "oracle"), ("point", "token0")])
+def test_batched_rounds_equal_a_per_mask_loop(predictor_and_sample, exact_distances, protocol, selection):
+    predictor, gt = predictor_and_sample
+    res = run_protocol(predictor, gt, protocol, 4, selection)
+    assert res.iou.shape == (len(gt), 4)
+    for k in range(len(gt)):
+        ious, clicks = reference_rounds(predictor, gt[k], protocol, 4, selection)
+        assert res.clicks[k] == clicks  # prompts accumulate, one click a round
+        np.testing.assert_allclose(res.iou[k], ious, atol=1e-6, err_msg=f"{protocol} mask {k}")
+
+
+def test_mask_input_is_fed_between_rounds(predictor_and_sample, monkeypatch):
+    predictor, gt = predictor_and_sample
+    inputs = []
+    real = ev_mod.decode
+
+    def spy(*args, **kwargs):
+        inputs.append(None if args[4] is None else args[4].clone())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev_mod, "decode", spy)
+    run_protocol(predictor, gt, "point", 3, "oracle")
+    assert inputs[0] is None and all(x is not None and x.shape == (len(gt), 1, 32, 32) for x in inputs[1:])
+    assert not torch.equal(inputs[1], inputs[2])
+
+
+def test_oracle_picks_the_output_closest_to_ground_truth(predictor_and_sample):
+    predictor, gt = predictor_and_sample
+    res = run_protocol(predictor, gt, "point", 1, "oracle", keep_rounds=[1])
+    token0 = run_protocol(predictor, gt, "point", 1, "token0")
+    for k in range(len(gt)):
+        c = first_click(gt[k])
+        masks, _, _ = predictor.predict(np.array([[c.x, c.y]], np.float32), np.array([1]), multimask_output=True)
+        ious = [coco_iou(masks[0, j], gt[k]) for j in range(3)]
+        assert res.iou[k, 0] == pytest.approx(max(ious), abs=1e-9)
+        np.testing.assert_array_equal(res.kept[1][k], masks[0, int(np.argmax(ious))])
+        single, _, _ = predictor.predict(np.array([[c.x, c.y]], np.float32), np.array([1]), multimask_output=False)
+        assert token0.iou[k, 0] == pytest.approx(coco_iou(single[0, 0], gt[k]), abs=1e-9)
+
+
+def test_scores_equal_pycocotools_and_boundary_iou_api(predictor_and_sample):
+    predictor, gt = predictor_and_sample
+    res = run_protocol(predictor, gt, "box", 2, "oracle", keep_rounds=[1, 2])
+    for r in (1, 2):
+        for k in range(len(gt)):
+            pred = res.kept[r][k]
+            assert res.iou[k, r - 1] == pytest.approx(coco_iou(pred, gt[k]), abs=1e-12)
+            assert res.biou[k, r - 1] == pytest.approx(api_boundary_iou(gt[k], pred), abs=1e-12)
+
+
+def test_boundary_protocol_is_one_round(predictor_and_sample):
+    predictor, gt = predictor_and_sample
+    res = run_protocol(predictor, gt, "boundary", 6)
+    assert res.iou.shape == (len(gt), 1) and all(len(c) == 1 for c in res.clicks)
+
+
+def test_select_targets_skips_empty_and_spreads_over_sizes():
+    masks = np.zeros((7, 10, 10), bool)
+    for i, area in enumerate([5, 0, 30, 12, 1, 0, 20]):
+        masks[i].flat[:area] = True
+    np.testing.assert_array_equal(select_targets(masks, 0), [2, 6, 3, 0, 4])
+    np.testing.assert_array_equal(select_targets(masks, 3), [2, 3, 4])  # largest, middle, smallest
+    np.testing.assert_array_equal(select_targets(masks, 9), [2, 6, 3, 0, 4])
+    assert select_targets(np.zeros((2, 4, 4), bool), 3).size == 0
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+def test_missing_checkpoint_names_the_key(world, tmp_path):
+    root, data, _ = world
+    cfg = make_cfg(tmp_path, data, models={"foundation": "", "sum": str(tmp_path / "nope.pt")})
+    with pytest.raises(FileNotFoundError, match=r"eval\.models\.sum: checkpoint .*nope\.pt not found"):
+        run_evaluate(cfg)
+    assert not Path(cfg.eval.metrics).exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("selection", "best", r"eval\.selection='best'"),
+        ("protocols", ["points"], r"eval\.protocols"),
+        ("rounds", 0, r"eval\.rounds=0"),
+        ("max_masks_per_image", -1, r"eval\.max_masks_per_image=-1"),
+        ("precision", "fp16", r"eval\.precision='fp16'"),
+        ("threads", -1, r"eval\.threads=-1"),
+        ("task_prompt_zero", ["all"], r"eval\.task_prompt_zero"),
+        ("datasets", ["nope"], r"eval\.datasets: unknown dataset\(s\) \['nope'\]"),
+        ("models", {"a.b": ""}, r"eval\.models\.a\.b"),
+    ],
+)
+def test_bad_eval_config_names_the_key(world, tmp_path, field, value, match):
+    _, data, _ = world
+    cfg = make_cfg(tmp_path, data, **{field: value})
+    with pytest.raises(ValueError, match=match):
+        run_evaluate(cfg)
+
+
+def test_unknown_eval_key_is_a_config_error():
+    with pytest.raises(sc.ConfigError, match="eval.nope"):
+        sc.compose(["+eval.nope=1"])
+
+
+def test_logs_params_metrics_curves_and_artifacts_to_mlflow(world, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    root, data, ckpts = world
+    monkeypatch.chdir(tmp_path)  # the sqlite store's default artifact root is ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = make_cfg(tmp_path, data, models={"foundation": "", "sum": str(ckpts["sum"])}, protocols=["point"],
+                   rounds=2, max_images=1, max_masks_per_image=1)
+    cfg.tracking = dataclasses.replace(cfg.tracking, enabled=True, uri=uri, experiment="sum-eval-test")
+    metrics = run_evaluate(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("sum-eval-test").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["stage"] == "evaluate"
+    assert run.data.params["eval.models.sum"] == str(ckpts["sum"]) and run.data.params["eval.method.sum"] == "sum"
+    got = run.data.metrics
+    assert got["sum_tp0/point/overall/miou_2"] == pytest.approx(metrics["sum@tp0"]["point"]["overall"]["miou_2"])
+    curve = client.get_metric_history(run.info.run_id, "curve/foundation/point/miou")
+    assert [m.step for m in curve] == [1, 2]
+    assert curve[1].value == pytest.approx(metrics["foundation"]["point"]["overall"]["miou_2"], abs=1e-4)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/eval.json", "eval/table.md", "eval/per_mask.csv", "eval/point_miou.csv", "eval/panels"} <= artifacts
