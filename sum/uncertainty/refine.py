@@ -76,13 +76,13 @@ class RefinementModule(nn.Module):
       prompt_encoder: a ``PromptEncoder`` (or `TaskPromptEncoder`, used with task prompt 0).
       mask_decoder: a ``MaskDecoder``.
       img_size: the padded input side the prompts' coordinates refer to (1024 for SAM).
-      folded: compute the decoder with `sum.uncertainty.decoder.decode_single` (same function,
+      folded: compute the decoder with `sum.model.folded_decoder.folded_decode` (same function,
         ~2x faster; used when the decoder's upscaling is SAM's), else SAM's ``MaskDecoder``.
     """
 
     def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module, img_size: int, folded: bool = True) -> None:
         super().__init__()
-        from sum.uncertainty.decoder import upscaling_is_sam
+        from sum.model.folded_decoder import upscaling_is_sam
 
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
@@ -121,13 +121,13 @@ class RefinementModule(nn.Module):
         Returns:
           (refined logits r (B, 1, 4He, 4We), predicted IoU (B, 1)).
         """
-        from sum.uncertainty.decoder import decode_single
+        from sum.model.folded_decoder import folded_decode
 
         pe = self.prompt_encoder
         kwargs = {"task_prompt": 0} if hasattr(pe, "task_prompt_embedding") else {}
         sparse_bnc, dense_bchw = pe(points=(points_bn2, labels_bn), boxes=boxes_b4, masks=mask_logits_b1hw, **kwargs)
         if self.folded:
-            return decode_single(self.mask_decoder, features_1chw, pe.get_dense_pe(), sparse_bnc, dense_bchw)
+            return folded_decode(self.mask_decoder, features_1chw, pe.get_dense_pe(), sparse_bnc, dense_bchw)
         return self.mask_decoder(
             image_embeddings=features_1chw,
             image_pe=pe.get_dense_pe(),

@@ -1,12 +1,12 @@
-"""SAM's mask decoder for the refinement module's prompts, computed faster (spec §4.1).
+"""SAM's mask decoder computed faster for prompts with their own dense embedding (spec §4.1, §7).
 
-The refinement module calls SAM's ``MaskDecoder`` with ``multimask_output=False`` on prompts that
-each carry their own dense mask prompt, so every prompt has its own copy of the 64x64 image
-tokens. In SAM's attention every one of those 4096 tokens is projected to queries/keys/values
+The refinement module (every call) and the interactive training rounds 2-7 (spec §7) call SAM's
+``MaskDecoder`` on prompts that each carry their own dense mask prompt, so every prompt has its
+own copy of the 64x64 image tokens. In SAM's attention every one of those 4096 tokens is projected to queries/keys/values
 (and back) in every cross attention, although only the ~8 prompt tokens sit on the other side.
-`decode_single` computes the same function with those projections folded onto the token side
+`folded_decode` computes the same function with those projections folded onto the token side
 (``(q Wk) k^T`` instead of ``q (k Wk)^T``, as `sum.pseudo.amg.token_to_image_attention` does for
-the pseudo-label generator), reads only the two tokens the single output needs after the final
+the pseudo-label generator), reads only the tokens the requested outputs need after the final
 attention, and runs the output upscaling as matrix products. About 2x faster forward and backward
 on the CPU; algebraically equal to SAM's decoder, so the gradients are the same too (key biases,
 which cancel in the softmax, get a zero gradient instead of a rounding-sized one).
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 def upscaling_is_sam(mask_decoder: nn.Module) -> bool:
     """Whether ``mask_decoder.output_upscaling`` is SAM's (two kernel-2 stride-2 transposed
-    convolutions around a LayerNorm2d), the layout `decode_single` computes as matrix products."""
+    convolutions around a LayerNorm2d), the layout `folded_decode` computes as matrix products."""
     from segment_anything.modeling.common import LayerNorm2d
 
     seq = getattr(mask_decoder, "output_upscaling", None)
@@ -95,24 +95,27 @@ def image_to_token(attn: nn.Module, q_bnc: Tensor, k_btc: Tensor, v_btc: Tensor,
     return torch.baddbmm(residual_bnc, a_bpn.transpose(1, 2), vo_bpc)
 
 
-def decode_single(
+def folded_decode(
     mask_decoder: nn.Module,
     image_embeddings_1chw: Tensor,
     image_pe_1chw: Tensor,
     sparse_btc: Tensor,
     dense_bchw: Tensor,
+    multimask_output: bool = False,
 ) -> Tuple[Tensor, Tensor]:
-    """``mask_decoder(..., multimask_output=False)`` (SAM's single-output token 0) with the folded
-    attention of the module docstring.
+    """``mask_decoder(..., multimask_output)`` with the folded attention of the module docstring:
+    SAM's single-output token 0, or its three multimask outputs (tokens 1-3).
 
     Arguments:
       mask_decoder: a ``MaskDecoder`` whose upscaling is SAM's (`upscaling_is_sam`).
-      image_embeddings_1chw: (1, C, He, We) image embedding, shared by the B prompts.
+      image_embeddings_1chw: (1, C, He, We) image embedding shared by the B prompts, or (B, C,
+        He, We), one per prompt.
       image_pe_1chw: (1, C, He, We) dense positional encoding.
       sparse_btc: (B, Ts, C) sparse prompt embeddings.
       dense_bchw: (B, C, He, We) dense prompt embeddings (the mask prompts).
+      multimask_output: three outputs (tokens 1-3) instead of token 0.
     Returns:
-      (logits (B, 1, 4He, 4We), predicted IoU (B, 1)).
+      (logits (B, M, 4He, 4We), predicted IoU (B, M)), M = 3 or 1.
     """
     d = mask_decoder
     tr = d.transformer
@@ -139,13 +142,15 @@ def decode_single(
         q = queries + query_pe
         keys_bnc = layer.norm4(image_to_token(layer.cross_attn_image_to_token, keys_pe_bnc, q, queries, keys_bnc))
 
-    # after the final attention only the IoU token and mask token 0 are read; tokens attend
-    # independently, so the others need not be computed
-    queries, query_pe = queries[:, :2], query_pe[:, :2]
+    # after the final attention only the IoU token and the requested mask tokens are read; tokens
+    # attend independently, so the others need not be computed
+    tokens = [1, 2, 3] if multimask_output else [0]
+    n_read = tokens[-1] + 2
+    queries, query_pe = queries[:, :n_read], query_pe[:, :n_read]
     q = queries + query_pe
     queries = tr.norm_final_attn(queries + token_to_image(tr.final_attn_token_to_image, q, keys_bnc + pe_1nc, keys_bnc))
-    iou_b1 = d.iou_prediction_head(queries[:, 0])[:, :1]
-    hyper_bc = d.output_hypernetworks_mlps[0](queries[:, 1])
+    iou_bm = d.iou_prediction_head(queries[:, 0])[:, tokens]
+    hyper_bcm = torch.stack([d.output_hypernetworks_mlps[t](queries[:, 1 + t]) for t in tokens], dim=2)
 
     # output upscaling: kernel-2 stride-2 transposed convolutions are per-pixel linear maps
     conv1, norm, act1, conv2, act2 = d.output_upscaling
@@ -155,6 +160,7 @@ def decode_single(
     z = act1(F.layer_norm(z, (c1,), norm.weight, norm.bias, norm.eps))
     w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)  # columns (i2, j2, c2)
     z = act2(torch.addmm(conv2.bias.repeat(4), z.reshape(b * n * 4, c1), w2).view(b, n * 16, c2))
-    m = torch.bmm(z, hyper_bc[:, :, None])  # (B, N*16, 1), rows (y, x, i, j, i2, j2)
-    m = m.view(b, he, we, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6).reshape(b, 1, 4 * he, 4 * we)
-    return m, iou_b1
+    nm = len(tokens)
+    m = torch.bmm(z, hyper_bcm)  # (B, N*16, M), rows (y, x, i, j, i2, j2)
+    m = m.view(b, he, we, 2, 2, 2, 2, nm).permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, nm, 4 * he, 4 * we)
+    return m, iou_bm
