@@ -311,12 +311,23 @@ def reference_rounds(predictor, gt, protocol, rounds, selection="oracle"):
 @pytest.mark.parametrize("protocol, selection", [("point", "oracle"), ("box", "oracle"), ("point", "token0")])
 def test_batched_rounds_equal_a_per_mask_loop(predictor_and_sample, exact_distances, protocol, selection):
     predictor, gt = predictor_and_sample
-    res = run_protocol(predictor, gt, protocol, 4, selection)
+    res = run_protocol(predictor, gt, protocol, 4, selection, decoder="exact")
     assert res.iou.shape == (len(gt), 4)
     for k in range(len(gt)):
         ious, clicks = reference_rounds(predictor, gt[k], protocol, 4, selection)
         assert res.clicks[k] == clicks  # prompts accumulate, one click a round
         np.testing.assert_allclose(res.iou[k], ious, atol=1e-6, err_msg=f"{protocol} mask {k}")
+
+
+@pytest.mark.parametrize("protocol", ["point", "box"])
+def test_fast_decoder_scores_like_sams_decoder(predictor_and_sample, exact_distances, protocol):
+    predictor, gt = predictor_and_sample
+    exact = run_protocol(predictor, gt, protocol, 4, "oracle", decoder="exact")
+    fast = run_protocol(predictor, gt, protocol, 4, "oracle", decoder="fast")
+    # the same function up to float rounding: the same clicks and scores (a pixel may flip)
+    assert fast.clicks == exact.clicks
+    np.testing.assert_allclose(fast.iou, exact.iou, atol=2e-3)
+    np.testing.assert_allclose(fast.biou, exact.biou, atol=5e-3)
 
 
 def test_mask_input_is_fed_between_rounds(predictor_and_sample, monkeypatch):
@@ -393,6 +404,7 @@ def test_missing_checkpoint_names_the_key(world, tmp_path):
         ("rounds", 0, r"eval\.rounds=0"),
         ("max_masks_per_image", -1, r"eval\.max_masks_per_image=-1"),
         ("precision", "fp16", r"eval\.precision='fp16'"),
+        ("decoder", "slow", r"eval\.decoder='slow'"),
         ("threads", -1, r"eval\.threads=-1"),
         ("task_prompt_zero", ["all"], r"eval\.task_prompt_zero"),
         ("datasets", ["nope"], r"eval\.datasets: unknown dataset\(s\) \['nope'\]"),
