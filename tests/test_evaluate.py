@@ -444,3 +444,55 @@ def test_logs_params_metrics_curves_and_artifacts_to_mlflow(world, tmp_path, mon
     assert curve[1].value == pytest.approx(metrics["foundation"]["point"]["overall"]["miou_2"], abs=1e-4)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/eval.json", "eval/table.md", "eval/per_mask.csv", "eval/point_miou.csv", "eval/panels"} <= artifacts
+
+
+def test_user_sam_checkpoint_on_a_mask_folder_benchmark_by_overrides_only(world, tmp_path):
+    """The README's command: an official-format SAM state dict (segment_anything's own ``Sam``)
+    and a SUM checkpoint, on a DIS5K-style mask folder, chosen by Hydra overrides alone."""
+    import cv2
+    from conftest import stock_sam
+
+    from sum.config import compose
+
+    root, data, ckpts = world
+    torch.manual_seed(7)
+    sam_path = tmp_path / "sam_tiny.pth"
+    torch.save(stock_sam(tiny_model_cfg()).state_dict(), sam_path)
+    # a DIS5K layout: im/<stem>.jpg + gt/<stem>.png, one mask per image, foreground > 128
+    ds = CocoDataset(data["b_salient"].images, data["b_salient"].annotations, task="salient")
+    (tmp_path / "dis" / "im").mkdir(parents=True)
+    (tmp_path / "dis" / "gt").mkdir()
+    for i in range(2):
+        s = ds[i]
+        cv2.imwrite(str(tmp_path / "dis" / "im" / f"{s.image_id}.jpg"), s.image[..., ::-1])
+        cv2.imwrite(str(tmp_path / "dis" / "gt" / f"{s.image_id}.png"), s.masks[0].astype(np.uint8) * 255)
+    out = tmp_path / "out"
+    cfg = compose([
+        "model=tiny", f"model.checkpoint={sam_path}", "model.device=cpu", "model.fast_path=off",
+        "~eval.models.hq_only", "~eval.models.vanilla", f"eval.models.sum={ckpts['sum']}",
+        f"+data.datasets.dis_vd={{format: mask_folder, images: {tmp_path}/dis/im, annotations: {tmp_path}/dis/gt, "
+        "task: salient, role: benchmark}",
+        "eval.datasets=[dis_vd]", "eval.protocols=[box]", "eval.box_rounds=2", "eval.max_images=0",
+        "eval.max_masks_per_image=0", f"embed.out_dir={tmp_path}/emb", "tracking.enabled=false",
+        f"eval.metrics={out}/eval.json", f"eval.plots_dir={out}/plots", f"eval.out_dir={out}/eval",
+    ])
+    metrics = run_evaluate(cfg)
+    assert list(metrics) == ["foundation", "sum"]
+    assert set(metrics["foundation"]["box"]["datasets"]) == {"dis_vd"}
+    info = json.loads((out / "eval" / "run.json").read_text())
+    assert info["benchmarks"]["dis_vd"]["masks_evaluated"] == 2
+    assert info["models"]["foundation"]["checkpoint"] == str(sam_path)
+    # the foundation column is the user's state dict: its box IoU equals SamPredictor on that model
+    from segment_anything import SamPredictor
+
+    ref = stock_sam(tiny_model_cfg())
+    ref.load_state_dict(torch.load(sam_path, weights_only=True))
+    predictor = SamPredictor(ref.eval())
+    ious = []
+    for stem in sorted(p.stem for p in (tmp_path / "dis" / "im").iterdir()):
+        image = cv2.imread(str(tmp_path / "dis" / "im" / f"{stem}.jpg"))[..., ::-1].copy()
+        gt = cv2.imread(str(tmp_path / "dis" / "gt" / f"{stem}.png"), cv2.IMREAD_GRAYSCALE) > 128
+        predictor.set_image(image)
+        masks, _, _ = predictor.predict(box=masks_to_boxes(gt[None])[0], multimask_output=True)
+        ious.append(max(coco_iou(m, gt) for m in masks))
+    assert metrics["foundation"]["box"]["overall"]["miou_1"] == pytest.approx(np.mean(ious), abs=2e-3)
