@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--points-per-side", type=int, default=16)
     p.add_argument("--points-per-batch", type=int, default=64, help="official generator")
     p.add_argument("--our-points-per-batch", type=int, default=64, help="sum.pseudo.MaskGenerator")
+    p.add_argument("--decoder-batch", type=int, default=4, help="sum.pseudo.MaskGenerator: points decoded together")
     p.add_argument("--pred-iou-thresh", type=float, default=0.88)
     p.add_argument("--stability-score-thresh", type=float, default=0.95)
     p.add_argument("--decoder", default="fast", choices=["fast", "exact"])
@@ -103,7 +104,8 @@ def main(argv=None) -> int:
         stability_score_thresh=args.stability_score_thresh,
     )
     official = SamAutomaticMaskGenerator(model, points_per_batch=args.points_per_batch, output_mode="coco_rle", **common)
-    ours = MaskGenerator(model, points_per_batch=args.our_points_per_batch, decoder=args.decoder, **common)
+    ours = MaskGenerator(model, points_per_batch=args.our_points_per_batch, decoder=args.decoder,
+                         decoder_batch=args.decoder_batch, **common)
 
     def timed(fn, image):
         if args.device.startswith("cuda"):
@@ -143,6 +145,7 @@ def main(argv=None) -> int:
         "points_per_side": args.points_per_side,
         "points_per_batch": {"official": args.points_per_batch, "ours": args.our_points_per_batch},
         "decoder": args.decoder,
+        "decoder_batch": args.decoder_batch,
         "official_images_per_s": len(images) / t_official,
         "ours_images_per_s": len(images) / t_ours,
         "speedup": t_official / t_ours,

@@ -105,6 +105,32 @@ def test_fast_decoder_matches_sam_decoder_with_task_prompt(tiny_model):
     torch.testing.assert_close(logits_k, logits_e.view(20, 3, 32, 32)[iou_e > thresh], rtol=1e-4, atol=1e-4)
 
 
+def test_fast_decoder_batches_of_any_size_reusing_one_decoder(tiny_model):
+    """A batch of one prompt has its own image keys after the first layer: it must not take the
+    shared (projected-once) path, also after earlier batches filled the projection cache."""
+    emb = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(5))
+    points = torch.rand(7, 2, dtype=torch.float64) * 128
+    iou_e, _, logits_e = PointBatchDecoder(tiny_model, emb, exact=True)(points, 0.0)
+    fast = PointBatchDecoder(tiny_model, emb)
+    start = 0
+    for size in (3, 1, 2, 1):
+        iou_f, _, logits_f = fast(points[start : start + size], 0.0)
+        torch.testing.assert_close(iou_f, iou_e[start : start + size], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits_f, logits_e.view(7, 3, 32, 32)[start : start + size].flatten(0, 1), rtol=1e-4, atol=1e-4)
+        start += size
+
+
+@pytest.mark.parametrize("decoder_batch", [1, 3, 64])
+def test_decoder_batch_changes_nothing_but_speed(tiny_model, tiny_image, decoder_batch):
+    settings = dict(points_per_side=6, points_per_batch=16, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    ref = MaskGenerator(tiny_model, decoder="exact", **settings).generate(tiny_image)
+    out = MaskGenerator(tiny_model, decoder_batch=decoder_batch, **settings).generate(tiny_image)
+    assert len(out) == len(ref)
+    for a, b in zip(out, ref):
+        assert a["point_coords"] == b["point_coords"] and a["predicted_iou"] == pytest.approx(b["predicted_iou"], abs=1e-5)
+        assert mask_utils.iou([a["segmentation"]], [b["segmentation"]], [0])[0, 0] >= 0.95
+
+
 def test_cached_embedding_equals_image(tiny_model, tiny_image):
     gen = MaskGenerator(tiny_model, points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
     from_image = gen.generate(tiny_image)

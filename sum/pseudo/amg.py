@@ -273,6 +273,7 @@ class PointBatchDecoder:
 
         queries, query_pe = tokens_btc, tokens_btc
         keys_bnc, keys_pe_bnc = src_1nc, srcpe_1nc  # batch 1 until the first image update
+        shared = True  # not ``keys_bnc.shape[0] == 1``: a batch of one prompt has its own keys too
         for layer in tr.layers:
             if layer.skip_first_layer_pe:
                 queries = layer.self_attn(q=queries, k=queries, v=queries)
@@ -282,7 +283,7 @@ class PointBatchDecoder:
             queries = layer.norm1(queries)
 
             q = queries + query_pe
-            if keys_bnc.shape[0] == 1:
+            if shared:
                 # keys shared by all prompts: SAM's attention broadcasts them, projected once
                 attn_out = layer.cross_attn_token_to_image(q=q, k=keys_pe_bnc, v=keys_bnc)
             else:
@@ -292,7 +293,7 @@ class PointBatchDecoder:
 
             q = queries + query_pe
             attn = layer.cross_attn_image_to_token
-            if keys_bnc.shape[0] == 1:
+            if shared:
                 keys_new = image_to_token_attention(
                     attn, self._projected_queries(attn, keys_pe_bnc), q, queries, keys_bnc, q_projected=True
                 )
@@ -302,13 +303,14 @@ class PointBatchDecoder:
                 keys_new, (keys_new.shape[-1],), layer.norm4.weight, layer.norm4.bias, layer.norm4.eps
             )
             keys_pe_bnc = keys_bnc + pe_1nc
+            shared = False
 
         # Only the IoU token and the multimask tokens are read after the final attention, and
         # each query token attends independently.
         used = [0] + list(range(2, 1 + d.num_mask_tokens))
         queries, query_pe = queries[:, used], query_pe[:, used]
         q = queries + query_pe
-        if keys_bnc.shape[0] == 1:
+        if shared:  # a transformer without layers
             attn_out = tr.final_attn_token_to_image(q=q, k=keys_pe_bnc, v=keys_bnc)
             keys_bnc = keys_bnc.expand(b, -1, -1)
         else:
@@ -350,6 +352,7 @@ class MaskGenerator:
         task_prompt: int = 0,
         decoder: str = "fast",
         upsample_batch: int = 16,
+        decoder_batch: int = 4,
     ) -> None:
         """SAM's automatic mask generator for pseudo-labels (spec §3.3), same masks as
         `segment_anything.SamAutomaticMaskGenerator` at equal settings.
@@ -369,6 +372,10 @@ class MaskGenerator:
           decoder (str): "fast" (`PointBatchDecoder`, float rounding differs from SAM's decoder)
             or "exact" (SAM's `MaskDecoder`).
           upsample_batch (int): survivors upsampled to full resolution at a time (memory).
+          decoder_batch (int): with ``decoder="fast"``, grid points decoded together inside a
+            ``points_per_batch`` batch. Prompts are independent, so this changes nothing but
+            speed: the per-prompt image tokens (B x 4096 x 256 floats) of a small batch stay in
+            cache, where 64 of them stream through memory at every operation.
         """
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("exactly one of points_per_side or point_grids must be given")
@@ -400,6 +407,9 @@ class MaskGenerator:
         self.task_prompt = int(task_prompt)
         self.decoder = decoder
         self.upsample_batch = upsample_batch
+        if decoder_batch < 1:
+            raise ValueError(f"decoder_batch={decoder_batch}: expected >= 1")
+        self.decoder_batch = decoder_batch
 
     @property
     def device(self) -> torch.device:
@@ -540,7 +550,7 @@ class MaskGenerator:
         parts = []
         for (points,) in batch_iterator(self.points_per_batch, points_for_image):
             in_points = torch.as_tensor(self.transform.apply_coords(points, crop_size), device=self.device)
-            iou_b3, keep_b3, low_res_khw = decode(in_points, self.pred_iou_thresh)
+            iou_b3, keep_b3, low_res_khw = self._decode(decode, in_points)
             n_out = keep_b3.shape[1]
             batch = MaskData(
                 iou_preds=iou_b3.flatten(0, 1)[keep_b3.flatten()],
@@ -560,6 +570,15 @@ class MaskGenerator:
         data["points"] = uncrop_points(data["points"], crop_box)
         data["crop_boxes"] = torch.tensor([crop_box for _ in range(len(data["rles"]))])
         return data
+
+    def _decode(self, decode: "PointBatchDecoder", points_b2: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``decode(points, pred_iou_thresh)`` in chunks of ``decoder_batch`` (fast decoder only;
+        SAM's own decoder runs the whole batch, as the official generator does)."""
+        step = len(points_b2) if decode.exact else self.decoder_batch
+        parts = [decode(points_b2[i : i + step], self.pred_iou_thresh) for i in range(0, len(points_b2), step)]
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(torch.cat(p) for p in zip(*parts))
 
     def _filter_upsampled(
         self,
