@@ -66,7 +66,9 @@ def run_stage(stage: str, repo: str) -> str:
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
         raise RuntimeError(f"dvc stage {stage} failed: {tail[0]}")
-    return "ran" if f"Running stage '{stage}'" in r.stdout else "up to date"
+    # a foreach group (finetune) runs as '<stage>@<item>' stages
+    ran = f"Running stage '{stage}'" in r.stdout or f"Running stage '{stage}@" in r.stdout
+    return "ran" if ran else "up to date"
 
 
 def metrics_markdown(repo: str | os.PathLike) -> str:

@@ -365,7 +365,7 @@ class EvalConfig:
     boundary_width: int = 10  # px band of the boundary protocol's click (spec §10.3)
     decoder: str = "fast"  # fast (folded, ~2x) | exact (SAM's MaskDecoder); see sum.eval.evaluate
     precision: str = "fp32"  # decoder autocast: fp32 | bf16 (1.4x faster on CPU, moves benchmark means by up to 0.05)
-    threads: int = 1  # torch intra-op threads during the run (restored after); 0 = leave torch's setting
+    threads: int = 0  # torch intra-op threads during the run (restored after); 0 = leave torch's setting
     n_panels: int = 2  # images per benchmark in outputs/eval/panels/<benchmark>.png
     metrics: str = "metrics/eval.json"
     plots_dir: str = "plots/eval"

@@ -76,3 +76,21 @@ def test_failed_stage_is_one_line(prefect_api, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError) as e:
         run_stage.fn("world", str(work))
     assert "world" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_foreach_group_runs_as_one_task(tmp_path):
+    """``finetune`` is a foreach group in dvc.yaml: its task runs every item and says so."""
+    from flows.pipeline import run_stage
+
+    work = tmp_path / "grp"
+    work.mkdir()
+    (work / "dvc.yaml").write_text(
+        "stages:\n  grp:\n    foreach: [a, b]\n    do:\n      cmd: echo ${item} > out_${item}.txt\n"
+        "      outs:\n        - out_${item}.txt\n"
+    )
+    dvc_bin = Path(sys.executable).parent / "dvc"
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    subprocess.run([str(dvc_bin), "init", "-q"], cwd=work, check=True)
+    assert run_stage.fn("grp", str(work)) == "ran"
+    assert (work / "out_a.txt").read_text().strip() == "a" and (work / "out_b.txt").is_file()
+    assert run_stage.fn("grp", str(work)) == "up to date"

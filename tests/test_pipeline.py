@@ -27,14 +27,28 @@ def _lookup(tree: dict, dotted: str):
 def test_every_stage_is_a_cli_command_with_known_params():
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    stages = {}
     for name, stage in dvc["stages"].items():
+        if "foreach" in stage:  # foreach/do: one stage per item, ${item} substituted
+            for item in stage["foreach"]:
+                text = yaml.safe_dump(stage["do"]).replace("${item}", str(item))
+                stages[f"{name}@{item}"] = yaml.safe_load(text)
+        else:
+            stages[name] = stage
+    assert {"finetune@hq_only", "finetune@vanilla", "finetune@sum", "evaluate"} <= set(stages)
+    for name, stage in stages.items():
         cmd = stage["cmd"].split()
         assert cmd[0] == "sum" and cmd[1] in STAGES, f"stage {name}: cmd {stage['cmd']!r}"
         for key in stage.get("params", []):
             _lookup(params, key)  # KeyError names a param that params.yaml lacks
         for dep in stage.get("deps", []):
-            if dep.startswith("sum/"):
+            if dep.startswith(("sum/", "params/")):
                 assert (REPO / dep).exists(), f"stage {name}: dep {dep} does not exist"
+    # finetune --method <m> trains what its stage name says, and evaluate reads those checkpoints
+    for m in ("hq_only", "vanilla", "sum"):
+        assert stages[f"finetune@{m}"]["cmd"].split()[-1] == m
+        assert f"models/{m}.pt" in stages[f"finetune@{m}"]["outs"] and f"models/{m}.pt" in stages["evaluate"]["deps"]
+        assert params["eval"]["models"][m] == f"models/{m}.pt"
 
 
 def _run(cmd, cwd, env):

@@ -728,8 +728,9 @@ def run_evaluate(cfg) -> Dict:
     """
     names = check_eval_config(cfg.eval, cfg.data.datasets)
     check_checkpoints(dict(cfg.eval.models))
-    # One thread by default: on a shared 2-core machine two threads of two processes make the
-    # decoder 10x slower (measured: 1.0 s against 0.085 s per mask), one thread stays near 1x.
+    # eval.threads: alone on the machine all cores help (1.5x with 2 on the embedded default), but
+    # on a shared 2-core machine two threads of two processes made the decoder 10x slower
+    # (measured: 1.0 s against 0.085 s per mask), where one thread stays near 1x.
     threads = torch.get_num_threads()
     if cfg.eval.threads:
         torch.set_num_threads(cfg.eval.threads)
@@ -811,6 +812,8 @@ def _run_evaluate(cfg, names: List[str]) -> Dict:
         info["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
         report.write_run_json(paths["run"], info)
         log.info("evaluate: %s", ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+        log.info("evaluate: table %s, curves %s/, panels %s/, metrics %s",
+                 paths["table"], ev.plots_dir, Path(ev.out_dir) / "panels", ev.metrics)
 
         tracker.log_metrics(report.mlflow_metrics(metrics), step=0)
         for step, values in report.mlflow_curves(summary).items():
