@@ -81,3 +81,33 @@ def test_cli_params_writes_the_composition(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert load_params(out).train.iterations == 7
+
+
+def test_every_setting_can_be_overridden_without_plus():
+    """``sum <stage> group.key=value`` works for every schema field: the params/ groups list all
+    of them (a key absent from the YAML would need Hydra's ``+key=``). Architecture fields of
+    the other encoder family are the exception (MobileSAM has no ViT depth)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from sum.config import PARAMS_DIR, Config
+
+    with initialize_config_dir(config_dir=str(PARAMS_DIR), version_base="1.3"):
+        raw = OmegaConf.to_container(hydra_compose(config_name="config"))
+    schema = OmegaConf.to_container(OmegaConf.structured(Config))
+    vit_only = {"encoder_embed_dim", "encoder_depth", "encoder_num_heads", "encoder_global_attn_indexes",
+                "window_size", "prompt_embed_dim", "mask_in_chans", "decoder_depth", "decoder_mlp_dim",
+                "decoder_num_heads", "num_multimask_outputs", "iou_head_depth", "iou_head_hidden_dim"}
+    missing = []
+
+    def walk(s, r, path):
+        for k, v in s.items():
+            if k not in r:
+                if not (path == "model." and k in vit_only):
+                    missing.append(path + k)
+            elif isinstance(v, dict) and v and isinstance(r[k], dict):
+                walk(v, r[k], f"{path}{k}.")
+
+    walk(schema, raw, "")
+    assert not missing, f"params/ lacks {missing}"
