@@ -202,7 +202,8 @@ class PseudoConfig:
     # n_workers = 0 runs the shards in this process, one after the other (debugging)
     scheduler_address: Optional[str] = None
     n_workers: int = 2
-    threads_per_worker: int = 1
+    threads_per_worker: int = 1  # Dask: shard tasks a worker runs at once
+    torch_threads: int = 0  # torch intra-op threads of one shard task; 0 = threads_per_worker
     connect_timeout_s: float = 10.0
     # MaskGenerator (spec §3.3)
     points_per_side: int = 32

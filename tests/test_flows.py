@@ -47,7 +47,7 @@ def test_stage_order_follows_dvc_yaml():
     from flows.pipeline import stage_order
 
     order = stage_order(REPO)
-    assert order[0] == "acquire" and order.index("world") < order.index("validate") < order.index("demo")
+    assert order[0] == "acquire" and order.index("world") < order.index("validate") < order.index("finetune") < order.index("evaluate")
 
 
 def test_flow_runs_dvc_stage_then_finds_it_up_to_date(prefect_api, tmp_path, monkeypatch):

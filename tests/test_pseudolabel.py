@@ -285,3 +285,12 @@ def test_pseudo_label_dataset(world, clean, tmp_path):
         missing[0]
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing" / "pool")):
         PseudoLabelDataset(folder / "images", tmp_path / "nothing", "pool")
+
+
+def test_torch_threads_per_task_is_separate_from_dask_task_slots():
+    from sum.config import PseudoConfig
+    from sum.pseudo.run import task_threads
+
+    assert task_threads(PseudoConfig(threads_per_worker=3, torch_threads=0)) == 3
+    assert task_threads(PseudoConfig(threads_per_worker=1, torch_threads=2)) == 2
+    assert task_threads(PseudoConfig(threads_per_worker=0, torch_threads=0)) == 1

@@ -13,8 +13,8 @@ Resuming: a shard whose json exists with the same ``config_hash`` and the same i
 dtype and the shard format; the §3.5 read-time filters are not in it (they act when reading,
 `sum.pseudo.store.PseudoLabelDataset`). Each shard's output depends only on its images, the model
 and the parameters, and the archives have fixed timestamps, so a run killed and re-run writes the
-same bytes as one clean run (at equal ``threads_per_worker``: float reductions depend on the
-thread count). With a remote scheduler the workers must see the same paths and the same code.
+same bytes as one clean run (at equal torch threads per task, `task_threads`: float reductions
+depend on the thread count). With a remote scheduler the workers must see the same paths and the same code.
 LocalCluster workers are spawned processes: a script that calls `pseudolabel` needs the usual
 ``if __name__ == "__main__":`` guard (the ``sum`` CLI has it).
 """
@@ -219,6 +219,14 @@ def _log_shard(res: Dict[str, Any]) -> None:
     log.info("%s shard %d: %d images, %d masks, %.1f s", res["dataset"], res["shard"], res["images"], res["masks"], res["seconds"])
 
 
+def task_threads(pcfg) -> int:
+    """torch intra-op threads of one shard task: ``pseudo.torch_threads``, or ``threads_per_worker``
+    when 0. Dask's ``threads_per_worker`` is how many tasks a worker runs *at once*, so one worker
+    with 1 task slot and 2 torch threads is not the same as one worker with 2 slots of 1 thread
+    (the second runs two shards side by side)."""
+    return max(1, int(pcfg.torch_threads or pcfg.threads_per_worker))
+
+
 def _client(pcfg):
     """A Dask client: to ``scheduler_address``, or to a new LocalCluster (returned for closing)."""
     from distributed import Client, LocalCluster
@@ -333,7 +341,8 @@ def _pseudolabel(cfg) -> Dict[str, Any]:
 
     s3 = S3Options.from_config(cfg.storage.s3)
     model_cfg = config_to_dict(cfg.model)
-    model, model_hash, _ = _worker_model(model_cfg, s3, max(1, int(pcfg.threads_per_worker)))
+    threads = task_threads(pcfg)
+    model, model_hash, _ = _worker_model(model_cfg, s3, threads)
     fingerprint = encoder_fingerprint(model)
     params = amg_params(pcfg)
 
@@ -360,7 +369,7 @@ def _pseudolabel(cfg) -> Dict[str, Any]:
                     "embed_dir": str(Path(cfg.embed.out_dir).resolve()),
                     "model_cfg": model_cfg,
                     "s3": s3,
-                    "threads": int(pcfg.threads_per_worker),
+                    "threads": threads,
                     "amg": params,
                     "model_hash": model_hash,
                     "fingerprint": fingerprint,
