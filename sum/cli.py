@@ -27,10 +27,12 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_params(cfg: Config, args: argparse.Namespace) -> None:
-    """Write the composed config to ``params.yaml`` (what DVC stages read)."""
+    """Write the composition of ``params/`` to ``params.yaml`` (what DVC stages read), as
+    ``dvc exp run`` composes it (`sum.config.params_yaml_text`)."""
+    from sum.config import params_yaml_text
     from sum.io import atomic_write_text
 
-    atomic_write_text(args.params, to_yaml(cfg))
+    atomic_write_text(args.params, params_yaml_text(args.overrides, args.config_dir))
     log.info("wrote %s", args.params)
 
 

@@ -449,6 +449,25 @@ def compose(overrides: List[str] | None = None, config_dir: str | os.PathLike | 
     return _validated(cfg, f"{config_dir}/config.yaml with overrides {list(overrides or [])}")
 
 
+def params_yaml_text(overrides: List[str] | None = None, config_dir: str | os.PathLike | None = None) -> str:
+    """The text of ``params.yaml``: the plain Hydra composition of ``params/`` (validated against
+    the schema first), exactly what ``dvc exp run`` writes (`dvc.utils.hydra.compose_and_dump`).
+
+    Not the schema-completed config: defaults that ``params/`` does not list would be keys DVC's own
+    composition lacks, so every ``dvc exp run -S`` would look like a change of the params of every
+    stage (``model``, ``data.acquire``) and re-run the whole pipeline.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    compose(overrides, config_dir)  # validation: one clear error naming a bad key
+    config_dir = Path(config_dir or PARAMS_DIR).resolve()
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        cfg: DictConfig = hydra_compose(config_name="config", overrides=list(overrides or []))
+    OmegaConf.resolve(cfg)
+    return OmegaConf.to_yaml(cfg)
+
+
 def to_yaml(cfg: Config) -> str:
     """The YAML text of a config, as ``params.yaml`` holds it."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg), sort_keys=False)

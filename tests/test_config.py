@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from sum.config import Config, ConfigError, compose, load_params, to_yaml
+from sum.config import Config, ConfigError, compose, load_params, params_yaml_text, to_yaml
 
 from conftest import REPO
 
@@ -15,7 +15,24 @@ def test_params_yaml_in_sync_with_params_dir():
     """`dvc repro` reads params.yaml; it must equal the composition of params/ (run `sum params`)."""
     committed = yaml.safe_load((REPO / "params.yaml").read_text())
     composed = yaml.safe_load(to_yaml(compose([])))
-    assert committed == composed, "params.yaml is stale: run `sum params` and commit it"
+    loaded = yaml.safe_load(to_yaml(load_params(REPO / "params.yaml")))
+    assert loaded == composed, "params.yaml is stale: run `sum params` and commit it"
+    assert committed == yaml.safe_load(params_yaml_text())
+
+
+def test_params_yaml_is_what_dvc_exp_run_composes(tmp_path):
+    """`dvc exp run -S key=value` rewrites params.yaml with DVC's own Hydra composition: with the
+    same text for the same params, one changed eval key changes the params of `evaluate` only."""
+    from dvc.utils.hydra import compose_and_dump
+
+    from sum.config import PARAMS_DIR
+
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, str(PARAMS_DIR), None, "config", str(tmp_path), [])
+    assert yaml.safe_load(out.read_text()) == yaml.safe_load((REPO / "params.yaml").read_text())
+    compose_and_dump(out, str(PARAMS_DIR), None, "config", str(tmp_path), ["eval.n_panels=1"])
+    theirs, ours = yaml.safe_load(out.read_text()), yaml.safe_load((REPO / "params.yaml").read_text())
+    assert theirs["eval"]["n_panels"] == 1 and {k for k in ours if ours[k] != theirs[k]} == {"eval"}
 
 
 def test_every_model_config_composes():
