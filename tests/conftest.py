@@ -153,3 +153,22 @@ def stock_sam(cfg) -> Sam:
             iou_head_hidden_dim=cfg.iou_head_hidden_dim,
         ),
     )
+
+
+def api_boundary_iou(gt, dt, dilation_ratio: float = 0.02) -> float:
+    """boundary-iou-api (Cheng et al.) as released, the independent reference of the metric: the
+    boundary is the mask minus its cv2 erosion (zero padding, 3x3 kernel, d = round(ratio * diag))."""
+    import cv2
+    import numpy as np
+
+    def boundary(mask):
+        mask = np.asarray(mask).astype(np.uint8)
+        h, w = mask.shape
+        dilation = max(1, int(round(dilation_ratio * np.sqrt(h**2 + w**2))))
+        padded = cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+        eroded = cv2.erode(padded, np.ones((3, 3), np.uint8), iterations=dilation)[1 : h + 1, 1 : w + 1]
+        return mask - eroded
+
+    g, d = boundary(gt), boundary(dt)
+    union = ((g + d) > 0).sum()
+    return float(((g * d) > 0).sum() / union) if union else 0.0

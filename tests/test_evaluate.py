@@ -23,6 +23,7 @@ from sum.eval import evaluate as ev_mod
 from sum.eval.clicker import first_click, next_click
 from sum.eval.evaluate import run_evaluate, run_protocol, select_targets, task_prompts
 from sum.model.predictor import SumPredictor
+from conftest import api_boundary_iou
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,22 +46,6 @@ def coco_iou(pred: np.ndarray, gt: np.ndarray) -> float:
         return mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
 
     return float(mask_utils.iou([rle(pred)], [rle(gt)], [0])[0, 0])
-
-
-def api_boundary(mask: np.ndarray, dilation_ratio: float = 0.02) -> np.ndarray:
-    """boundary-iou-api's ``mask_to_boundary``: erode a zero-padded mask d times with a 3x3 kernel."""
-    mask = mask.astype(np.uint8)
-    h, w = mask.shape
-    dilation = max(1, int(round(dilation_ratio * np.sqrt(h**2 + w**2))))
-    padded = cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
-    eroded = cv2.erode(padded, np.ones((3, 3), np.uint8), iterations=dilation)[1 : h + 1, 1 : w + 1]
-    return mask - eroded
-
-
-def api_boundary_iou(gt: np.ndarray, dt: np.ndarray) -> float:
-    g, d = api_boundary(gt), api_boundary(dt)
-    union = ((g + d) > 0).sum()
-    return float(((g * d) > 0).sum() / union) if union else 0.0
 
 
 # ---- world: two tiny benchmarks, a tiny model, its embeddings, fine-tuned checkpoints -----------

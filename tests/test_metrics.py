@@ -196,24 +196,9 @@ def test_boundary_iou_matches_brute_force():
             assert got == pytest.approx(boundary_iou(masks[b], masks[a], ratio)), "symmetric"
 
 
-def api_boundary_iou(gt: np.ndarray, dt: np.ndarray, dilation_ratio: float = 0.02) -> float:
-    """boundary-iou-api (Cheng et al.) as released: cv2 erosion of a zero-padded uint8 mask."""
-    import cv2
-
-    def boundary(mask):
-        mask = mask.astype(np.uint8)
-        h, w = mask.shape
-        dilation = max(1, int(round(dilation_ratio * np.sqrt(h**2 + w**2))))
-        padded = cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
-        eroded = cv2.erode(padded, np.ones((3, 3), np.uint8), iterations=dilation)[1 : h + 1, 1 : w + 1]
-        return mask - eroded
-
-    g, d = boundary(gt), boundary(dt)
-    union = ((g + d) > 0).sum()
-    return float(((g * d) > 0).sum() / union) if union else 0.0
-
-
 def test_boundary_iou_matches_boundary_iou_api_on_thin_holed_and_border_masks():
+    from conftest import api_boundary_iou
+
     masks = hand_masks()
     names = [n for n in masks if n != "empty"]
     for ratio in (0.02, 0.05):

@@ -152,15 +152,31 @@ def folded_decode(
     iou_bm = d.iou_prediction_head(queries[:, 0])[:, tokens]
     hyper_bcm = torch.stack([d.output_hypernetworks_mlps[t](queries[:, 1 + t]) for t in tokens], dim=2)
 
-    # output upscaling: kernel-2 stride-2 transposed convolutions are per-pixel linear maps
-    conv1, norm, act1, conv2, act2 = d.output_upscaling
+    return upscale_masks(d, keys_bnc, hyper_bcm, (he, we)), iou_bm
+
+
+def upscale_masks(mask_decoder: nn.Module, keys_bnc: Tensor, hyper_bcm: Tensor, hw: Tuple[int, int]) -> Tensor:
+    """``MaskDecoder``'s output upscaling and hypernetwork product, as matrix products: SAM's two
+    kernel-2 stride-2 transposed convolutions are per-pixel linear maps, run in token layout with
+    the LayerNorm2d as a layer norm over the last axis; one permutation puts the sub-pixels in place.
+
+    Arguments:
+      mask_decoder: a ``MaskDecoder`` whose upscaling is SAM's (`upscaling_is_sam`).
+      keys_bnc: (B, N = He*We, C) image tokens after the transformer.
+      hyper_bcm: (B, C', M) hypernetwork outputs of the M mask tokens read.
+      hw: (He, We).
+    Returns:
+      (B, M, 4He, 4We) mask logits.
+    """
+    b, n, c = keys_bnc.shape
+    he, we = hw
+    conv1, norm, act1, conv2, act2 = mask_decoder.output_upscaling
     c1, c2 = conv1.out_channels, conv2.out_channels
     w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)  # columns (i, j, c1)
     z = torch.addmm(conv1.bias.repeat(4), keys_bnc.reshape(b * n, c), w1).view(b, n * 4, c1)
     z = act1(F.layer_norm(z, (c1,), norm.weight, norm.bias, norm.eps))
     w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)  # columns (i2, j2, c2)
     z = act2(torch.addmm(conv2.bias.repeat(4), z.reshape(b * n * 4, c1), w2).view(b, n * 16, c2))
-    nm = len(tokens)
+    nm = hyper_bcm.shape[2]
     m = torch.bmm(z, hyper_bcm)  # (B, N*16, M), rows (y, x, i, j, i2, j2)
-    m = m.view(b, he, we, 2, 2, 2, 2, nm).permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, nm, 4 * he, 4 * we)
-    return m, iou_bm
+    return m.view(b, he, we, 2, 2, 2, 2, nm).permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, nm, 4 * he, 4 * we)

@@ -55,6 +55,8 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch import Tensor
 from torchvision.ops.boxes import batched_nms, box_area
 
+from sum.model.folded_decoder import upscale_masks, upscaling_is_sam
+
 log = logging.getLogger(__name__)
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -164,7 +166,7 @@ class PointBatchDecoder:
         self.embedding = embedding
         self.task_prompt = int(task_prompt)
         self.decoder = model.mask_decoder
-        self.exact = exact or not self._upscaling_is_sam()
+        self.exact = exact or not upscaling_is_sam(self.decoder)
         if self.exact and not exact:
             log.warning("mask decoder output_upscaling is not SAM's; using SAM's MaskDecoder forward")
         self.image_pe = model.prompt_encoder.get_dense_pe()  # (1, C, He, We)
@@ -224,42 +226,13 @@ class PointBatchDecoder:
         return iou_b3, keep_b3, torch.cat(low_res)
 
     def _masks(self, hs_btc: Tensor, keys_bnc: Tensor, hw: Tuple[int, int]) -> Tensor:
-        """Multimask logits (B, 3, 4He, 4We) from transformer outputs, as `MaskDecoder`.
-
-        The output upscaling (two stride-2, kernel-2 transposed convolutions, i.e. per-pixel
-        linear maps) runs as matrix products in token layout, with the LayerNorm2d as a native
-        layer norm over the last axis; one permutation at the end puts the sub-pixels in place.
-        """
+        """Multimask logits (B, 3, 4He, 4We) from transformer outputs, as `MaskDecoder`
+        (`sum.model.folded_decoder.upscale_masks`)."""
         d = self.decoder
-        b, n, c = keys_bnc.shape
-        hyper_bkc = torch.stack(
-            [d.output_hypernetworks_mlps[i](hs_btc[:, i, :]) for i in range(1, d.num_mask_tokens)], dim=1
+        hyper_bcm = torch.stack(
+            [d.output_hypernetworks_mlps[i](hs_btc[:, i, :]) for i in range(1, d.num_mask_tokens)], dim=2
         )
-        conv1, norm, act1, conv2, act2 = d.output_upscaling
-        c1, c2 = conv1.out_channels, conv2.out_channels
-        w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)  # columns (i, j, c1)
-        z_bn4c = torch.addmm(conv1.bias.repeat(4), keys_bnc.reshape(b * n, c), w1).view(b, n * 4, c1)
-        z_bn4c = act1(F.layer_norm(z_bn4c, (c1,), norm.weight, norm.bias, norm.eps))
-        w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)  # columns (i2, j2, c2)
-        z_bn16c = torch.addmm(conv2.bias.repeat(4), z_bn4c.view(b * n * 4, c1), w2).view(b, n * 16, c2)
-        z_bn16c = act2(z_bn16c)
-        k = hyper_bkc.shape[1]
-        masks = torch.bmm(z_bn16c, hyper_bkc.transpose(1, 2))  # (B, N*16, K): (y, x, i, j, i2, j2)
-        he, we = hw
-        masks = masks.view(b, he, we, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)
-        return masks.reshape(b, k, 4 * he, 4 * we)
-
-    def _upscaling_is_sam(self) -> bool:
-        from segment_anything.modeling.common import LayerNorm2d
-
-        seq = self.decoder.output_upscaling
-        convs = (seq[0], seq[3]) if len(seq) == 5 else ()
-        return (
-            len(seq) == 5
-            and isinstance(seq[1], LayerNorm2d)
-            and all(isinstance(m, torch.nn.ConvTranspose2d) and m.kernel_size == (2, 2) and m.stride == (2, 2)
-                    and m.padding == (0, 0) and m.output_padding == (0, 0) and m.groups == 1 for m in convs)
-        )
+        return upscale_masks(d, keys_bnc, hyper_bcm, hw)
 
     def _transformer(self, sparse_btc: Tensor, dense_1chw: Tensor) -> Tuple[Tensor, Tensor]:
         """`TwoWayTransformer.forward` on tokens (B, T, C) and the shared image side; returns
