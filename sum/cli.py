@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from sum.config import Config, ConfigError, compose, load_params, to_yaml
+from sum.config import Config, ConfigError, compose, load_params
 
 log = logging.getLogger("sum")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -433,8 +433,10 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Config:
     return _validated(OmegaConf.load(path), str(path))
 
 
-def compose(overrides: List[str] | None = None, config_dir: str | os.PathLike | None = None) -> Config:
-    """Compose ``params/config.yaml`` with Hydra overrides (``model=vit_b``, ``train.lr=1e-4``)."""
+def _hydra_compose(overrides: List[str] | None, config_dir: str | os.PathLike | None) -> Tuple[DictConfig, str]:
+    """The plain Hydra composition of ``params/config.yaml`` with overrides, as ``dvc exp run``
+    composes it (`dvc.utils.hydra.compose_and_dump`: ``version_base=None``, the installed Hydra's
+    defaults), and a name for it in error messages."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -442,11 +444,16 @@ def compose(overrides: List[str] | None = None, config_dir: str | os.PathLike | 
     register_configs()
     config_dir = Path(config_dir or PARAMS_DIR).resolve()
     try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
             cfg: DictConfig = hydra_compose(config_name="config", overrides=list(overrides or []))
     except HydraException as e:
         raise ConfigError(f"{config_dir}: {str(e).splitlines()[0]}") from None
-    return _validated(cfg, f"{config_dir}/config.yaml with overrides {list(overrides or [])}")
+    return cfg, f"{config_dir}/config.yaml with overrides {list(overrides or [])}"
+
+
+def compose(overrides: List[str] | None = None, config_dir: str | os.PathLike | None = None) -> Config:
+    """Compose ``params/config.yaml`` with Hydra overrides (``model=vit_b``, ``train.lr=1e-4``)."""
+    return _validated(*_hydra_compose(overrides, config_dir))
 
 
 def params_yaml_text(overrides: List[str] | None = None, config_dir: str | os.PathLike | None = None) -> str:
@@ -457,13 +464,8 @@ def params_yaml_text(overrides: List[str] | None = None, config_dir: str | os.Pa
     composition lacks, so every ``dvc exp run -S`` would look like a change of the params of every
     stage (``model``, ``data.acquire``) and re-run the whole pipeline.
     """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    compose(overrides, config_dir)  # validation: one clear error naming a bad key
-    config_dir = Path(config_dir or PARAMS_DIR).resolve()
-    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-        cfg: DictConfig = hydra_compose(config_name="config", overrides=list(overrides or []))
+    cfg, source = _hydra_compose(overrides, config_dir)
+    _validated(cfg, source)  # one clear error naming a bad key
     OmegaConf.resolve(cfg)
     return OmegaConf.to_yaml(cfg)
 
