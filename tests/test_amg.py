@@ -131,6 +131,31 @@ def test_decoder_batch_changes_nothing_but_speed(tiny_model, tiny_image, decoder
         assert mask_utils.iou([a["segmentation"]], [b["segmentation"]], [0])[0, 0] >= 0.95
 
 
+@pytest.mark.parametrize("hw", [(96, 128), (128, 72), (70, 70)])
+def test_upscaling_only_the_image_tokens_changes_nothing(tiny_model, hw, monkeypatch):
+    """The fast decoder upscales and upsamples only the image tokens the resized image covers
+    (landscape: rows, portrait: columns) and completes the survivors' padded logits: the records
+    equal those of upscaling every token, the stored logits to float rounding."""
+    image = shapes_image(*hw, seed=3)
+    settings = dict(points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    gen = MaskGenerator(tiny_model, **settings)
+    emb, input_size = gen.embed(image)
+    he, we = emb.shape[-2:]
+    token_hw = gen._token_crop(emb, input_size)
+    if hw[0] < hw[1]:
+        assert token_hw[0] < he and token_hw[1] == we
+    elif hw[0] > hw[1]:
+        assert token_hw[1] < we and token_hw[0] == he
+    cropped = gen.generate_from_embedding(emb, hw)
+    monkeypatch.setattr(MaskGenerator, "_token_crop", lambda self, e, s: tuple(e.shape[-2:]))
+    full = gen.generate_from_embedding(emb, hw)
+    assert len(cropped) == len(full) > 0
+    for a, b in zip(cropped, full):
+        for key in ("segmentation", "area", "bbox", "predicted_iou", "stability_score", "point_coords"):
+            assert a[key] == b[key], key
+        np.testing.assert_allclose(a["low_res_logits"], b["low_res_logits"], rtol=1e-3, atol=1e-3)
+
+
 def test_cached_embedding_equals_image(tiny_model, tiny_image):
     gen = MaskGenerator(tiny_model, points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
     from_image = gen.generate(tiny_image)

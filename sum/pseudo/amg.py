@@ -14,9 +14,12 @@ function with the prompt-independent work done once per image and with the proje
 cross attentions folded onto the 7-token side (``(q Wk) k^T`` instead of ``q (k Wk^T)^T``), which
 cuts the per-prompt work to a few thin matrix products. It also evaluates the predicted-IoU filter
 before the output upscaling (the IoU head reads only the IoU token, so this is exact) and upscales
-only prompts with a surviving output. Then, per survivor, the pipeline is the official one: upsample
-to the crop (`Sam.postprocess_masks`), stability score, binarise, box, crop-edge filter, RLE, box
-NMS, all with `segment_anything.utils.amg` functions.
+only prompts with a surviving output, and of those only the image tokens that the resized image
+covers: the upscaling maps each token to its own 4x4 logits, so on a 4:3 image a quarter of the
+work (the padding rows) is skipped until a mask has passed every filter and its stored logits are
+completed. Then, per survivor, the pipeline is the official one: upsample to the crop
+(`Sam.postprocess_masks`, over the same rows), stability score, binarise, box, crop-edge filter,
+RLE, box NMS, all with `segment_anything.utils.amg` functions.
 
 The folded attention is algebraically equal to SAM's; floating-point rounding differs (logits
 agree to ~1e-5), so a mask can differ by a pixel whose logit is within rounding of 0.
@@ -200,7 +203,22 @@ class PointBatchDecoder:
           iou_pred (B, 3), keep (B, 3) bool, and the low-res logits of the kept outputs
           (K, 4*He, 4*We), K = keep.sum(), in row-major order of ``keep``.
         """
+        return self.decode_cropped(points_b2, pred_iou_thresh, None)
+
+    @torch.no_grad()
+    def decode_cropped(
+        self, points_b2: Tensor, pred_iou_thresh: float, token_hw: Optional[Tuple[int, int]]
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """`__call__`, with the kept outputs' logits upscaled only over the top-left
+        ``token_hw = (th, tw)`` image tokens (None: all): (K, 4*th, 4*tw).
+
+        SAM's output upscaling maps each image token to its own 4x4 block of low-res pixels (two
+        kernel-2 stride-2 transposed convolutions), so the block is what the full upscaling
+        computes there. `complete_logits` adds the rest for the masks that survive.
+        """
         sparse_btc, dense_bchw = self.embed_points(points_b2)
+        he, we = self.embedding.shape[-2:]
+        th, tw = token_hw if token_hw is not None else (he, we)
         if self.exact:
             low_res_b3hw, iou_b3 = self.decoder(
                 image_embeddings=self.embedding,
@@ -210,29 +228,51 @@ class PointBatchDecoder:
                 multimask_output=True,
             )
             keep_b3 = _iou_keep(iou_b3, pred_iou_thresh)
-            return iou_b3, keep_b3, low_res_b3hw[keep_b3]
+            return iou_b3, keep_b3, low_res_b3hw[keep_b3][:, : 4 * th, : 4 * tw]
 
         hs_btc, keys_bnc = self._transformer(sparse_btc, dense_bchw[:1])
         iou_b3 = self.decoder.iou_prediction_head(hs_btc[:, 0, :])[:, 1:]  # hs: iou, mask tokens 1..
         keep_b3 = _iou_keep(iou_b3, pred_iou_thresh)
         any_b = keep_b3.any(dim=1)
-        he, we = self.embedding.shape[-2:]
         if not bool(any_b.any()):
-            return iou_b3, keep_b3, keys_bnc.new_zeros((0, 4 * he, 4 * we))
+            return iou_b3, keep_b3, keys_bnc.new_zeros((0, 4 * th, 4 * tw))
         rows = torch.nonzero(any_b).flatten()
         low_res = []
         for (idx,) in batch_iterator(16, rows):
-            low_res.append(self._masks(hs_btc[idx], keys_bnc[idx], (he, we))[keep_b3[idx]])
+            keys = _token_block(keys_bnc[idx], (he, we), (0, th), (0, tw))
+            low_res.append(upscale_masks(self.decoder, keys, self._hyper(hs_btc[idx]), (th, tw))[keep_b3[idx]])
         return iou_b3, keep_b3, torch.cat(low_res)
 
-    def _masks(self, hs_btc: Tensor, keys_bnc: Tensor, hw: Tuple[int, int]) -> Tensor:
-        """Multimask logits (B, 3, 4He, 4We) from transformer outputs, as `MaskDecoder`
-        (`sum.model.folded_decoder.upscale_masks`)."""
+    @torch.no_grad()
+    def complete_logits(self, points_k2: Tensor, output_k: Tensor, block_khw: Tensor) -> Tensor:
+        """Full (K, 4He, 4We) low-res logits of output ``output_k`` (0-2) of single-point prompts
+        ``points_k2``, given their top-left block ``block_khw`` from `decode_cropped`: the
+        prompts are decoded again and only the tokens outside the block are upscaled; the block
+        itself is kept as given. For the few masks that pass every filter of the generator."""
+        he, we = self.embedding.shape[-2:]
+        bh, bw = block_khw.shape[-2] // 4, block_khw.shape[-1] // 4
+        out = block_khw.new_zeros((len(points_k2), 4 * he, 4 * we))
+        out[:, : 4 * bh, : 4 * bw] = block_khw
+        if (bh, bw) == (he, we) or len(points_k2) == 0:
+            return out
+        for i in range(0, len(points_k2), 4):
+            sl = slice(i, i + 4)
+            sparse_btc, dense_bchw = self.embed_points(points_k2[sl])
+            hs_btc, keys_bnc = self._transformer(sparse_btc, dense_bchw[:1])
+            hyper = self._hyper(hs_btc)
+            hyper_kc1 = hyper[torch.arange(len(hyper)), :, output_k[sl]].unsqueeze(2)
+            if bh < he:  # rows below the block, all columns
+                keys = _token_block(keys_bnc, (he, we), (bh, he), (0, we))
+                out[sl, 4 * bh :, :] = upscale_masks(self.decoder, keys, hyper_kc1, (he - bh, we))[:, 0].to(out.dtype)
+            if bw < we:  # columns right of the block, block rows
+                keys = _token_block(keys_bnc, (he, we), (0, bh), (bw, we))
+                out[sl, : 4 * bh, 4 * bw :] = upscale_masks(self.decoder, keys, hyper_kc1, (bh, we - bw))[:, 0].to(out.dtype)
+        return out
+
+    def _hyper(self, hs_btc: Tensor) -> Tensor:
+        """Hypernetwork outputs (B, C', 3) of the multimask tokens."""
         d = self.decoder
-        hyper_bcm = torch.stack(
-            [d.output_hypernetworks_mlps[i](hs_btc[:, i, :]) for i in range(1, d.num_mask_tokens)], dim=2
-        )
-        return upscale_masks(d, keys_bnc, hyper_bcm, hw)
+        return torch.stack([d.output_hypernetworks_mlps[i](hs_btc[:, i, :]) for i in range(1, d.num_mask_tokens)], dim=2)
 
     def _transformer(self, sparse_btc: Tensor, dense_1chw: Tensor) -> Tuple[Tensor, Tensor]:
         """`TwoWayTransformer.forward` on tokens (B, T, C) and the shared image side; returns
@@ -297,6 +337,15 @@ class PointBatchDecoder:
         if key not in self._q_cache:
             self._q_cache[key] = attn.q_proj(q_1nc)
         return self._q_cache[key]
+
+
+def _token_block(keys_bnc: Tensor, hw: Tuple[int, int], rows: Tuple[int, int], cols: Tuple[int, int]) -> Tensor:
+    """Image tokens (B, N, C) of an (He, We) grid -> those of rows [r0, r1) x cols [c0, c1)."""
+    (he, we), (r0, r1), (c0, c1) = hw, rows, cols
+    if (r0, r1, c0, c1) == (0, he, 0, we):
+        return keys_bnc
+    b, _, c = keys_bnc.shape
+    return keys_bnc.reshape(b, he, we, c)[:, r0:r1, c0:c1].reshape(b, (r1 - r0) * (c1 - c0), c)
 
 
 def _iou_keep(iou_b3: Tensor, thresh: float) -> Tensor:
@@ -520,17 +569,23 @@ class MaskGenerator:
         decode = PointBatchDecoder(self.model, embedding, self.task_prompt, exact=self.decoder == "exact")
         points_scale = np.array(crop_size)[None, ::-1]
         points_for_image = self.point_grids[layer_idx] * points_scale
+        token_hw = self._token_crop(embedding, input_size) if self.decoder == "fast" else None
+        low_res = 4 * embedding.shape[-2]  # SAM's low-res logits: 4x the (square) embedding grid
+        step = self.decoder_batch if self.decoder == "fast" else self.points_per_batch
         parts = []
         for (points,) in batch_iterator(self.points_per_batch, points_for_image):
             in_points = torch.as_tensor(self.transform.apply_coords(points, crop_size), device=self.device)
-            iou_b3, keep_b3, low_res_khw = self._decode(decode, in_points)
-            n_out = keep_b3.shape[1]
-            batch = MaskData(
-                iou_preds=iou_b3.flatten(0, 1)[keep_b3.flatten()],
-                points=torch.as_tensor(points.repeat(n_out, axis=0))[keep_b3.flatten().cpu()],
-                low_res_logits=low_res_khw,
-            )
-            parts.extend(self._filter_upsampled(batch, input_size, crop_size, crop_box, orig_size))
+            # the fast decoder's prompts are independent: decode and filter ``decoder_batch`` at a time
+            for i in range(0, len(points), step):
+                iou_b3, keep_b3, low_res_khw = decode.decode_cropped(in_points[i : i + step], self.pred_iou_thresh, token_hw)
+                n_out = keep_b3.shape[1]
+                batch = MaskData(
+                    iou_preds=iou_b3.flatten(0, 1)[keep_b3.flatten()],
+                    points=torch.as_tensor(points[i : i + step].repeat(n_out, axis=0))[keep_b3.flatten().cpu()],
+                    low_res_logits=low_res_khw,
+                    output=torch.nonzero(keep_b3)[:, 1].cpu(),
+                )
+                parts.extend(self._filter_upsampled(batch, input_size, crop_size, crop_box, orig_size, low_res))
         if not parts:
             he, we = embedding.shape[-2:]
             return _empty_crop((4 * he, 4 * we))
@@ -539,19 +594,43 @@ class MaskGenerator:
             data["boxes"].float(), data["iou_preds"], torch.zeros(len(data["boxes"])), iou_threshold=self.box_nms_thresh
         )
         data.filter(keep)
+        # the survivors' logits over the padding tokens, skipped so far
+        in_points = torch.as_tensor(self.transform.apply_coords(data["points"].numpy(), crop_size), device=self.device)
+        data["low_res_logits"] = decode.complete_logits(
+            in_points, data["output"].to(self.device), data["low_res_logits"].to(self.device)
+        ).cpu()
+        del data["output"]
         data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
         data["points"] = uncrop_points(data["points"], crop_box)
         data["crop_boxes"] = torch.tensor([crop_box for _ in range(len(data["rles"]))])
         return data
 
-    def _decode(self, decode: "PointBatchDecoder", points_b2: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """``decode(points, pred_iou_thresh)`` in chunks of ``decoder_batch`` (fast decoder only;
-        SAM's own decoder runs the whole batch, as the official generator does)."""
-        step = len(points_b2) if decode.exact else self.decoder_batch
-        parts = [decode(points_b2[i : i + step], self.pred_iou_thresh) for i in range(0, len(points_b2), step)]
-        if len(parts) == 1:
-            return parts[0]
-        return tuple(torch.cat(p) for p in zip(*parts))
+    def _token_crop(self, embedding: Tensor, input_size: Tuple[int, int]) -> Tuple[int, int]:
+        """Image tokens (rows, cols) whose upscaled logits the bilinear upsampling to ``input_size``
+        reads (`_upsample_to_crop`): ``ceil(h * L / img_size) + 1`` low-res rows (the +1 is the
+        lower neighbour of the last row) of the L = 4 * He low-res rows, 4 per token."""
+        he, we = embedding.shape[-2:]
+        img = self.model.image_encoder.img_size
+        if img % (4 * he) or img % (4 * we):
+            return he, we
+        rows = math.ceil(input_size[0] * 4 * he / img) + 1
+        cols = math.ceil(input_size[1] * 4 * we / img) + 1
+        return min(he, math.ceil(rows / 4)), min(we, math.ceil(cols / 4))
+
+    def _upsample_to_crop(
+        self, logits_k1hw: Tensor, low_res: int, input_size: Tuple[int, int], crop_size: Tuple[int, int]
+    ) -> Tensor:
+        """``Sam.postprocess_masks`` of the top-left block of (low_res x low_res) logits
+        (`_token_crop`): the upsampling to (img_size, img_size) runs only over the block, at the
+        same scale (low_res / img_size), so each pixel it keeps after the crop to ``input_size``
+        is computed from the same neighbours with the same weights as SAM's."""
+        img = self.model.image_encoder.img_size
+        h, w = logits_k1hw.shape[-2:]
+        if (h, w) == (low_res, low_res):
+            return self.model.postprocess_masks(logits_k1hw, input_size, crop_size)
+        up = F.interpolate(logits_k1hw, (h * img // low_res, w * img // low_res), mode="bilinear", align_corners=False)
+        up = up[..., : input_size[0], : input_size[1]]
+        return F.interpolate(up, crop_size, mode="bilinear", align_corners=False)
 
     def _filter_upsampled(
         self,
@@ -560,9 +639,13 @@ class MaskGenerator:
         crop_size: Tuple[int, int],
         crop_box: List[int],
         orig_size: Tuple[int, int],
+        low_res: int,
     ) -> List[MaskData]:
         """Stability filter, boxes, crop-edge filter and RLE of IoU survivors, upsampled
-        ``upsample_batch`` at a time (the filters of SAM's ``_process_batch``)."""
+        ``upsample_batch`` at a time (the filters of SAM's ``_process_batch``).
+
+        ``batch["low_res_logits"]`` may be the top-left block of the (low_res x low_res) logits
+        (`PointBatchDecoder.decode_cropped`); the survivors' blocks are kept, as float16."""
         orig_h, orig_w = orig_size
         threshold = self.model.mask_threshold
         x0, y0, x1, y1 = crop_box
@@ -573,7 +656,7 @@ class MaskGenerator:
             idx = torch.arange(start, min(n, start + self.upsample_batch))
             chunk = MaskData(**{k: v[idx] for k, v in batch.items()})
             logits_khw = chunk["low_res_logits"]
-            masks_khw = self.model.postprocess_masks(logits_khw[:, None], input_size, crop_size)[:, 0]
+            masks_khw = self._upsample_to_crop(logits_khw[:, None], low_res, input_size, crop_size)[:, 0]
             chunk["stability_score"] = calculate_stability_score(masks_khw, threshold, self.stability_score_offset)
             keep = torch.ones(len(idx), dtype=torch.bool, device=masks_khw.device)
             if self.stability_score_thresh > 0.0:
