@@ -281,6 +281,38 @@ def test_sigterm_saves_and_resume_is_exact(world, embeddings, tmp_path):
     assert other["resumed_from_step"] == 0
 
 
+def test_a_run_on_new_inputs_starts_afresh(world, embeddings, tmp_path):
+    """The resume key covers the inputs: re-running a finished run on the same files resumes it
+    (nothing left to train), but after the pseudo labels change (a new ``pseudolabel`` stage
+    output) it trains afresh instead of re-saving the model of the old data."""
+    for d in ("hq/images", "pool/images", "pseudo/pool", "unc/pool", "emb/hq", "emb/pool"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "hq" / "annotations.json").write_text("{}")
+    shard = tmp_path / "pseudo" / "pool" / "shard-00000.json"
+    shard.write_text('{"masks": 1}')
+    cfg = make_cfg(tmp_path / "r", iterations=2, pseudo_dir=str(tmp_path / "pseudo"), uncertainty_dir=str(tmp_path / "unc"))
+    cfg.embed = dataclasses.replace(cfg.embed, out_dir=str(tmp_path / "emb"))
+    cfg.data.datasets = {
+        "hq": sc.DatasetConfig(images=str(tmp_path / "hq/images"), annotations=str(tmp_path / "hq/annotations.json"), role="labeled"),
+        "pool": sc.DatasetConfig(images=str(tmp_path / "pool/images"), role="unlabeled"),
+    }
+    paths = tr.input_paths(cfg, cfg.method)
+    assert str(tmp_path / "pseudo" / "pool") in paths and str(tmp_path / "unc" / "pool") in paths
+    assert str(tmp_path / "emb" / "pool") in paths and str(tmp_path / "hq" / "annotations.json") in paths
+    hq_only = tr.input_paths(cfg, method("hq_only"))
+    assert not any("pseudo" in p or "unc" in p or "pool" in p for p in hq_only)
+
+    first = tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings)
+    assert first["resumed_from_step"] == 0
+    again = tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings)
+    assert again["resumed_from_step"] == 2
+
+    shard.write_text('{"masks": 2}')  # new pseudo labels
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    fresh = tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings)
+    assert fresh["resumed_from_step"] == 0 and fresh["steps"] == 2
+
+
 # ---- modes -----------------------------------------------------------------------------------
 
 

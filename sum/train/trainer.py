@@ -39,8 +39,9 @@ Engineering:
   end and when SIGTERM/SIGINT arrives (the step in flight finishes first), written atomically:
   model, optimizer, scheduler, step, loss history, RNG states, the MLflow run id. A later call
   resumes from it automatically, exactly: batches and prompts are functions of the step. A state
-  made under another config (anything but the iteration count, checkpoint cadence and paths) is
-  not resumed: training starts afresh.
+  made under another config (anything but the iteration count, checkpoint cadence and paths) or
+  on other inputs (pseudo labels, uncertainty maps, embeddings, datasets, checkpoint: their file
+  sizes and times, `input_fingerprint`) is not resumed: training starts afresh.
 - **Outputs.** A SUM checkpoint (`save_sum_checkpoint`) at ``<model_dir>/<method>.pt`` and a
   metrics JSON at ``<metrics_dir>/<method>.json``; MLflow run (rank 0) with the flattened config,
   per-step metrics, system metrics and the checkpoint as an artifact.
@@ -548,11 +549,62 @@ def run_paths(train_cfg, method: str) -> RunPaths:
 _NOT_IN_KEY = {"iterations", "checkpoint_every", "log_every", "run_dir", "model_dir", "metrics_dir"}
 
 
+def input_paths(cfg, method) -> List[str]:
+    """What a run reads from disk under ``cfg``: the labeled datasets, and with unlabeled data the
+    images, pseudo labels (and uncertainty maps when used) of the unlabeled ones, the embedding
+    cache (decoder mode) and the foundation checkpoint."""
+    t = cfg.train
+    paths = [cfg.model.checkpoint or ""]
+    wants_u = method.use_uncertainty_loss or method.use_uncertainty_sampling
+    for name, d in sorted(cfg.data.datasets.items()):
+        if d.role == "labeled":
+            paths += [d.images, d.annotations]
+        elif d.role == "unlabeled" and method.use_unlabeled:
+            paths += [d.images, str(Path(t.pseudo_dir) / name)]
+            if wants_u:
+                paths.append(str(Path(t.uncertainty_dir) / name))
+        else:
+            continue
+        if t.mode == "decoder":
+            paths.append(str(Path(cfg.embed.out_dir) / name))
+    return [p for p in paths if p]
+
+
+def input_fingerprint(paths: Sequence[str]) -> str:
+    """sha256 of (path, size, mtime) of every file under ``paths`` (files or folders; a missing or
+    remote path counts by its name). Like DVC's own change check, it reads no file contents: a
+    new pseudo-labeling, uncertainty map, embedding or checkpoint changes it, an unchanged tree
+    (a killed run started again) does not."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{p}\0".encode())
+        root = Path(p)
+        if "://" in p or not root.exists():
+            continue
+        files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.relative_to(root) if f != root else ''}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def resume_key(cfg, method) -> str:
-    """sha256 of everything a resumed run must share with the saved one (module docstring)."""
+    """sha256 of everything a resumed run must share with the saved one (module docstring): the
+    config but the iteration count, cadence and output paths, and the inputs (`input_fingerprint`
+    of `input_paths`), so that a stage re-run on new pseudo labels trains afresh instead of
+    resuming the finished run."""
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _NOT_IN_KEY}
     model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("device", "fast_path")}
-    text = json.dumps({"train": train, "model": model, "method": dataclasses.asdict(method)}, sort_keys=True, default=str)
+    text = json.dumps(
+        {
+            "train": train,
+            "model": model,
+            "method": dataclasses.asdict(method),
+            "inputs": input_fingerprint(input_paths(cfg, method)),
+        },
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
