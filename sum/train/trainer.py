@@ -634,7 +634,7 @@ def load_train_state(path: Path, key: str, *, sam, optimizer, scheduler) -> Tupl
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"{path}: not a SUM training state (expected format {STATE_FORMAT!r})")
     if state["key"] != key:
-        log.warning("%s: saved under another config; training starts afresh", path)
+        log.warning("%s: saved under another config or on other inputs; training starts afresh", path)
         return 0, [], None
     sam.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
