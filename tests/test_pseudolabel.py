@@ -183,6 +183,40 @@ def test_changed_generator_setting_invalidates_shards(world, clean):
     assert again["shards_computed"] == 0
 
 
+def test_changed_image_or_generator_code_recomputes_its_shards(world, tmp_path, monkeypatch):
+    """Shards are reused only for the same image content and the same generator source: an image
+    replaced under its id (and re-embedded by ``embed``) recomputes its own shard only, a changed
+    `sum.pseudo.amg` every shard (DVC re-runs the stage on either; the persisted shards must not
+    hand back the old masks)."""
+    import shutil
+
+    from PIL import Image, ImageOps
+
+    import sum.pseudo.run as run
+
+    _, folder = world
+    pool = tmp_path / "pool"
+    shutil.copytree(folder, pool)
+    cfg = _cfg(tmp_path, pool, tmp_path / "out")
+    run_embed(cfg)
+    first = pseudolabel(cfg)["datasets"]["pool"]
+    assert (first["shards_computed"], first["shards_reused"]) == (3, 0)
+
+    name = json.loads((pool / "annotations.json").read_text())["images"][0]["file_name"]
+    path = pool / "images" / name
+    with Image.open(path) as im:
+        inverted = ImageOps.invert(im.convert("RGB"))
+    inverted.save(path, format=Image.registered_extensions()[path.suffix.lower()])
+    run_embed(cfg)
+    second = pseudolabel(cfg)["datasets"]["pool"]
+    assert (second["shards_computed"], second["shards_reused"]) == (1, 2)
+    assert read_shard(tmp_path / "out", "pool", 0)[0]["inputs_hash"] != read_shard(tmp_path / "out", "pool", 1)[0]["inputs_hash"]
+
+    monkeypatch.setattr(run, "code_hash", lambda: "another generator")
+    third = pseudolabel(cfg)["datasets"]["pool"]
+    assert third["shards_computed"] == 3 and third["config_hash"] != second["config_hash"]
+
+
 def test_unreachable_scheduler_is_one_line_naming_it(world, tmp_path):
     root, folder = world
     address = f"tcp://127.0.0.1:{free_port()}"

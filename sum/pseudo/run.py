@@ -8,9 +8,11 @@ image's embedding from the ``embed`` stage's cache (`sum.model.embeddings.Embedd
 image is encoded again), runs `sum.pseudo.amg.MaskGenerator` with task prompt 0 (plain SAM,
 §3.3) and writes its shard atomically (`sum.pseudo.store.write_shard`).
 
-Resuming: a shard whose json exists with the same ``config_hash`` and the same images is kept.
-``config_hash`` covers the generator's parameters, a hash of every model weight, the embedding
-dtype and the shard format; the §3.5 read-time filters are not in it (they act when reading,
+Resuming: a shard whose json exists with the same ``config_hash`` and ``inputs_hash`` is kept.
+``config_hash`` covers the generator's parameters and source, a hash of every model weight, the
+embedding dtype and the shard format; ``inputs_hash`` the ids and content hashes of the shard's
+images (from the embedding index), so new images under old ids or a changed generator are
+recomputed; the §3.5 read-time filters are not in it (they act when reading,
 `sum.pseudo.store.PseudoLabelDataset`). Each shard's output depends only on its images, the model
 and the parameters, and the archives have fixed timestamps, so a run killed and re-run writes the
 same bytes as one clean run (at equal torch threads per task, `task_threads`: float reductions
@@ -65,13 +67,36 @@ def weights_hash(model) -> str:
     return h.hexdigest()
 
 
+def code_hash() -> str:
+    """sha256 of the mask generator's source (`sum.pseudo.amg`): a changed generator is a changed
+    stage, as DVC sees it, so its shards are not reused."""
+    import sum.pseudo.amg as amg
+
+    return hashlib.sha256(Path(amg.__file__).read_bytes()).hexdigest()
+
+
 def config_hash(params: Dict[str, Any], model_hash: str, embed_dtype: str) -> str:
-    """What every mask of a shard depends on, besides its images: generator parameters, model
-    weights, the stored embedding dtype and the shard format."""
+    """What every mask of a dataset depends on, besides its images: generator parameters and
+    code, model weights, the stored embedding dtype and the shard format."""
     from sum.pseudo.store import SHARD_FORMAT
 
-    doc = {"format": SHARD_FORMAT, "amg": params, "model": model_hash, "embed_dtype": embed_dtype, "task_prompt": 0}
+    doc = {
+        "format": SHARD_FORMAT,
+        "amg": params,
+        "code": code_hash(),
+        "model": model_hash,
+        "embed_dtype": embed_dtype,
+        "task_prompt": 0,
+    }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def inputs_hash(images: List[Dict[str, Any]]) -> str:
+    """A shard's ``inputs_hash``: the id and content (``image_sha256`` of the embedding index) of
+    each of its images, so that a changed image (re-embedded by the ``embed`` stage under the same
+    id) invalidates its shard only."""
+    text = "".join(f"|{img['image_id']}={img.get('image_sha256', '')}" for img in images)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _worker_model(model_cfg: Dict[str, Any], s3, threads: int):
@@ -143,7 +168,7 @@ def run_shard(job: Dict[str, Any]) -> Dict[str, Any]:
     he, we = model.prompt_encoder.image_embedding_size
     write_shard(
         job["out_dir"], job["dataset"], job["shard"], job["config_hash"], images,
-        logits_hw=(4 * he, 4 * we), img_size=int(model.image_encoder.img_size),
+        logits_hw=(4 * he, 4 * we), img_size=int(model.image_encoder.img_size), inputs_hash=job.get("inputs_hash"),
     )
     return {
         "dataset": job["dataset"],
@@ -175,7 +200,16 @@ def _plan(cfg, name: str, fingerprint: str) -> Tuple[List[List[Dict[str, Any]]],
             raise ValueError(f"{index_path}: no embedding of image {image_id!r} of dataset {name!r} (run `sum embed`)")
         file_name = os.path.relpath(ds.image_path(i), dcfg.images)
         h, w = entry["original_size"]
-        images.append({"image_id": str(image_id), "file_name": file_name, "height": int(h), "width": int(w), "position": i})
+        images.append(
+            {
+                "image_id": str(image_id),
+                "file_name": file_name,
+                "height": int(h),
+                "width": int(w),
+                "position": i,
+                "image_sha256": str(entry.get("image_sha256", "")),
+            }
+        )
     size = int(cfg.pseudo.shard_size)
     if size < 1:
         raise ValueError(f"pseudo.shard_size={size}: expected >= 1")
@@ -192,7 +226,11 @@ def _shard_is_done(out_dir: str, name: str, shard: int, chash: str, images: List
         doc = read_shard_json(out_dir, name, shard)
     except ValueError:
         return False
-    return doc["config_hash"] == chash and [img["image_id"] for img in doc["images"]] == [img["image_id"] for img in images]
+    return (
+        doc["config_hash"] == chash
+        and doc.get("inputs_hash") == inputs_hash(images)
+        and [img["image_id"] for img in doc["images"]] == [img["image_id"] for img in images]
+    )
 
 
 def _clean(folder: Path, n_shards: int) -> None:
@@ -386,6 +424,7 @@ def _pseudolabel(cfg) -> Dict[str, Any]:
                     "model_hash": model_hash,
                     "fingerprint": fingerprint,
                     "config_hash": chash,
+                    "inputs_hash": inputs_hash(shards[s]),
                 }
             )
 

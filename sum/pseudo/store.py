@@ -3,7 +3,7 @@
 Layout, per dataset, ``<pseudo_dir>/<dataset>/``:
 
 - ``shard-00000.json``: ``{"format", "shard", "config_hash", "dataset", "img_size", "images":
-  [{"image_id", "file_name", "height", "width", "annotations": [...]}]}``. An annotation is an
+  [{"image_id", "file_name", "height", "width", "annotations": [...]}], "inputs_hash"}``. An annotation is an
   SA-1B record of the automatic mask generator (`sum.pseudo.amg.MaskGenerator`): ``id`` (unique
   in the dataset), ``segmentation`` (COCO RLE at the original resolution), ``area``, ``bbox``
   (XYWH), ``predicted_iou``, ``point_coords``, ``stability_score``, ``crop_box`` (XYWH), and
@@ -114,6 +114,7 @@ def write_shard(
     images: Sequence[ShardImage],
     logits_hw: tuple[int, int] = (256, 256),
     img_size: int = 1024,
+    inputs_hash: Optional[str] = None,
 ) -> Path:
     """Write one shard (module docstring): the npz, then the json, each atomically.
 
@@ -123,6 +124,7 @@ def write_shard(
       images: the shard's images with their generator records, in dataset order.
       logits_hw: (h, w) of the low-res logits (4x the embedding; 256x256 for SAM), for empty shards.
       img_size: the model's padded input size the logits are a low-res view of.
+      inputs_hash: hash of the shard's images (`sum.pseudo.run.inputs_hash`), stored when given.
 
     Returns:
       the json path.
@@ -166,6 +168,8 @@ def write_shard(
         "img_size": int(img_size),
         "images": out_images,
     }
+    if inputs_hash is not None:
+        doc["inputs_hash"] = inputs_hash
     write_npz(npz_path, logits=logits_mhw)
     atomic_write_text(json_path, json.dumps(doc, separators=(",", ":")) + "\n")  # last: marks the shard complete
     return json_path
