@@ -283,6 +283,11 @@ class MethodConfig:
     use_task_prompt: bool = True
     continuous_task_prompt: bool = False  # "SUM Continuous TP" ablation: task prompt in every round (§4.3)
 
+    @property
+    def uses_uncertainty(self) -> bool:
+        """Whether the method reads uncertainty maps (for its loss or its click sampling, §5.3-5.4, §6)."""
+        return self.use_uncertainty_loss or self.use_uncertainty_sampling
+
 
 @dataclass
 class TrainConfig:

@@ -301,6 +301,10 @@ def test_a_run_on_new_inputs_starts_afresh(world, embeddings, tmp_path):
     assert str(tmp_path / "emb" / "pool") in paths and str(tmp_path / "hq" / "annotations.json") in paths
     hq_only = tr.input_paths(cfg, method("hq_only"))
     assert not any("pseudo" in p or "unc" in p or "pool" in p for p in hq_only)
+    vanilla = tr.input_paths(cfg, method("vanilla"))  # pseudo labels without their maps
+    assert str(tmp_path / "pseudo" / "pool") in vanilla and not any("unc" in p for p in vanilla)
+    sampling_only = dataclasses.replace(cfg.method, use_uncertainty_loss=False)  # maps still read
+    assert str(tmp_path / "unc" / "pool") in tr.input_paths(cfg, sampling_only)
 
     first = tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings)
     assert first["resumed_from_step"] == 0

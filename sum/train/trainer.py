@@ -555,13 +555,12 @@ def input_paths(cfg, method) -> List[str]:
     cache (decoder mode) and the foundation checkpoint."""
     t = cfg.train
     paths = [cfg.model.checkpoint or ""]
-    wants_u = method.use_uncertainty_loss or method.use_uncertainty_sampling
     for name, d in sorted(cfg.data.datasets.items()):
         if d.role == "labeled":
             paths += [d.images, d.annotations]
         elif d.role == "unlabeled" and method.use_unlabeled:
             paths += [d.images, str(Path(t.pseudo_dir) / name)]
-            if wants_u:
+            if method.uses_uncertainty:
                 paths.append(str(Path(t.uncertainty_dir) / name))
         else:
             continue
@@ -702,7 +701,6 @@ def build_pools(cfg, method) -> Dict[str, Pool]:
     if method.use_unlabeled:
         from sum.pseudo.store import PseudoLabelDataset
 
-        wants_u = method.use_uncertainty_loss or method.use_uncertainty_sampling
         for name, d in cfg.data.datasets.items():
             if d.role != "unlabeled":
                 continue
@@ -714,7 +712,7 @@ def build_pools(cfg, method) -> Dict[str, Pool]:
                         t.pseudo_dir,
                         name,
                         task="unspecified",
-                        uncertainty_dir=t.uncertainty_dir if wants_u else None,
+                        uncertainty_dir=t.uncertainty_dir if method.uses_uncertainty else None,
                         min_ratio=t.pseudo_min_ratio,
                         max_ratio=t.pseudo_max_ratio,
                         max_masks=t.max_masks,
