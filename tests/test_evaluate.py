@@ -21,6 +21,7 @@ from sum.data.dataset import CocoDataset
 from sum.data.formats import masks_to_boxes
 from sum.eval import evaluate as ev_mod
 from sum.eval.clicker import first_click, next_click
+from sum.eval.metrics import area_band
 from sum.eval.evaluate import run_evaluate, run_protocol, select_targets, task_prompts
 from sum.model.predictor import SumPredictor
 from conftest import api_boundary_iou
@@ -194,6 +195,16 @@ def test_run_writes_all_outputs_and_they_agree(run):
     for model in metrics:
         assert float(curve[0][model]) == pytest.approx(metrics[model]["point"]["overall"]["miou_1"], abs=1e-4)
         assert float(curve[2][model]) == pytest.approx(metrics[model]["point"]["overall"]["miou_3"], abs=1e-4)
+    # the size table of table.md: its part row of the foundation == the per-mask CSV's mean
+    table = (Path(ev.out_dir) / "table.md").read_text()
+    assert "### point, mIoU by target size" in table
+    bands = {}
+    for x in rows:
+        if (x["model"], x["protocol"], x["dataset"]) == ("foundation", "point", "b_part"):
+            bands.setdefault(area_band(int(x["area"]) / int(x["image_area"])), []).append(float(x["iou_1"]))
+    for band, ious in bands.items():
+        line = next(ln for ln in table.splitlines() if ln.startswith(f"| part | {band} | {len(ious)} |"))
+        assert line.split(" | ")[3].split(" / ")[0] == f"{100 * np.mean(ious):.1f}"
     box = read_csv(Path(ev.plots_dir) / "box_mbiou.csv")
     assert list(box[0]) == ["round", "foundation", "vanilla", "sum", "full_ft"] and len(box) == 2
     assert (Path(ev.plots_dir) / "point_mbiou.csv").is_file() and (Path(ev.plots_dir) / "box_miou.csv").is_file()
@@ -481,3 +492,25 @@ def test_user_sam_checkpoint_on_a_mask_folder_benchmark_by_overrides_only(world,
         masks, _, _ = predictor.predict(box=masks_to_boxes(gt[None])[0], multimask_output=True)
         ious.append(max(coco_iou(m, gt) for m in masks))
     assert metrics["foundation"]["box"]["overall"]["miou_1"] == pytest.approx(np.mean(ious), abs=2e-3)
+
+
+def test_size_table_means_by_task_and_band():
+    """Hand-made records of 4 rounds: two part targets in the 3e-4..1e-3 band (IoU 0.2 and 0.4
+    after click 1, 0.3 and 0.5 after click 3, 0.6 and 0.8 after the last) and one whole object in
+    the top band, which the second model did not see."""
+    from sum.eval.report import size_table
+
+    def rec(model, area, ious, dataset="b_part"):
+        return ev_mod.MaskRecord(model, "point", dataset, "1", "1", area, 0, ious, ious, [], image_area=100_000)
+
+    records = [rec("f", 50, [0.2, 0.0, 0.3, 0.6]), rec("f", 60, [0.4, 0.0, 0.5, 0.8]), rec("f", 5_000, [0.9] * 4, "b_sal"),
+               rec("s", 50, [0.1] * 4), rec("s", 60, [0.3] * 4)]
+    lines = size_table(records, {"b_sal": "salient", "b_part": "part"}).splitlines()
+    assert "after 1 / 3 / 4 clicks" in lines[2]
+    assert lines[4] == "| Task | area / image | masks | f | s |"
+    assert lines[6:] == [
+        "| salient | 0.01-1 | 1 | 90.0 / 90.0 / 90.0 |  |",
+        "| part | 0.0003-0.001 | 2 | 30.0 / 40.0 / 70.0 | 20.0 / 20.0 / 20.0 |",
+    ]
+    assert area_band(0.0) == "0-0.0003" and area_band(1e-3) == "0.001-0.003" and area_band(1.0) == "0.01-1"
+    assert size_table([dataclasses.replace(records[0], image_area=0)], {"b_part": "part"}) == ""

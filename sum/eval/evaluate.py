@@ -533,6 +533,7 @@ class MaskRecord:
     biou: List[float]
     clicks: List[Click]
     noc: Dict[str, int] = field(default_factory=dict)
+    image_area: int = 0  # H * W of its image (for the size bands of the report)
 
 
 @dataclass
@@ -666,6 +667,7 @@ def evaluate_benchmarks(
                                 image_id=str(sample.image_id),
                                 ann_id=str(sample.ann_ids[t]) if len(sample.ann_ids) > t else str(t),
                                 area=int(gt_khw[j].sum()),
+                                image_area=int(gt_khw.shape[1] * gt_khw.shape[2]),
                                 task_prompt=int(tps[0]),
                                 iou=[float(v) for v in res.iou[j]],
                                 biou=[float(v) for v in res.biou[j]],

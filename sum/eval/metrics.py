@@ -23,6 +23,8 @@ import cv2
 import numpy as np
 
 __all__ = [
+    "AREA_BANDS",
+    "area_band",
     "mask_iou",
     "mask_iou_batch",
     "boundary_dilation",
@@ -34,6 +36,20 @@ __all__ = [
     "overall_mean",
     "aggregate",
 ]
+
+
+AREA_BANDS = (0.0, 3e-4, 1e-3, 3e-3, 1e-2, 1.0)
+"""Bands of a mask's area as a fraction of its image, ``[lo, hi)`` (the last one closed): on a
+512x512 image 79, 262, 786 and 2,621 px. Reports split scores by them to show where a model
+gains or loses (small parts against whole objects)."""
+
+
+def area_band(fraction: float, bands: Sequence[float] = AREA_BANDS) -> str:
+    """The label ``"lo-hi"`` of the band of ``bands`` holding ``fraction`` (clipped into range)."""
+    for lo, hi in zip(bands[:-1], bands[1:]):
+        if fraction < hi:
+            return f"{lo:g}-{hi:g}"
+    return f"{bands[-2]:g}-{bands[-1]:g}"
 
 
 def _binary_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

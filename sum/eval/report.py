@@ -12,6 +12,10 @@ aggregates) into files, written atomically:
 - ``<out_dir>/table.md``: the paper's main-table layout (Tab. 1: metric x task + overall,
   columns = models) per protocol and round, then the per-benchmark layout (Tab. 14: cells
   ``mIoU / mBIoU``), in percent; the best value of a row in bold.
+  Then, for the point protocol, the mean IoU per task and band of target size (``AREA_BANDS``:
+  the target's area as a fraction of its image) after the first, third and last click: a plain
+  mean over the masks of the band, to show where a model gains or loses (small parts against
+  whole objects), not the paper's aggregation.
 - ``<out_dir>/panels/<benchmark>.png``: image, ground truth, each model's masks after rounds 1
   and 3 with its clicks (green positive, red negative).
 - ``<out_dir>/per_mask.csv``: one row per target, model and protocol (debugging).
@@ -30,6 +34,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from sum.eval.metrics import AREA_BANDS, area_band
 from sum.io import atomic_path, atomic_write_text
 
 CURVE_X = {"point": "clicks", "box": "round"}
@@ -167,6 +172,43 @@ def markdown_table(summary: Dict, dataset_task: Dict[str, str], selection: str) 
     return "\n".join(lines)
 
 
+def size_table(records, dataset_task: Dict[str, str], protocol: str = "point") -> str:
+    """Markdown: mean IoU per task and target-size band (module docstring) after the first, third
+    and last round of ``protocol``, one column per model; '' when no record has its image size."""
+    recs = [r for r in records if r.protocol == protocol and r.image_area > 0]
+    if not recs:
+        return ""
+    models = list(dict.fromkeys(r.model for r in recs))
+    rounds = report_rounds(max(len(r.iou) for r in recs))
+    cells: Dict[tuple, List[List[float]]] = {}
+    for r in recs:
+        key = (dataset_task[r.dataset], area_band(r.area / r.image_area), r.model)
+        cells.setdefault(key, []).append(r.iou)
+    unit = "clicks" if protocol == "point" else "rounds"
+    lines = [
+        f"### {protocol}, mIoU by target size",
+        "",
+        f"Mean IoU over the targets of a task whose area is the given fraction of the image, after "
+        f"{' / '.join(str(r) for r in rounds)} {unit} (a plain mean over masks, not the paper's aggregation).",
+        "",
+        "| Task | area / image | masks | " + " | ".join(models) + " |",
+        "|---|---|---|" + "---|" * len(models),
+    ]
+    bands = [f"{lo:g}-{hi:g}" for lo, hi in zip(AREA_BANDS[:-1], AREA_BANDS[1:])]
+    for t in dict.fromkeys(dataset_task.values()):
+        for b in bands:
+            per_model = [cells.get((t, b, m)) for m in models]
+            if not any(per_model):
+                continue
+            n = max(len(v) for v in per_model if v)
+            shown = [
+                "" if not v else " / ".join(_pct(float(np.mean([x[min(r, len(x)) - 1] for x in v]))) for r in rounds)
+                for v in per_model
+            ]
+            lines.append("| " + " | ".join([t, b, str(n), *shown]) + " |")
+    return "\n".join(lines + [""])
+
+
 def _num(v) -> str:
     return "" if v is None else f"{v:.2f}"
 
@@ -180,16 +222,16 @@ def _get(entry: Dict, metric: str, r: int, scope: str, name: str | None = None):
 
 
 def per_mask_rows(records) -> tuple[List[str], List[List]]:
-    """The per-mask CSV: identifiers, area, task prompt, NoC, IoU and boundary IoU per round,
+    """The per-mask CSV: identifiers, area (and its image's), task prompt, NoC, IoU and boundary IoU per round,
     and the clicks as ``x:y:label`` separated by spaces."""
     max_r = max(len(r.iou) for r in records)
-    header = ["model", "protocol", "dataset", "image_id", "ann_id", "area", "task_prompt", "noc85", "noc90"]
+    header = ["model", "protocol", "dataset", "image_id", "ann_id", "area", "image_area", "task_prompt", "noc85", "noc90"]
     header += [f"iou_{r + 1}" for r in range(max_r)] + [f"biou_{r + 1}" for r in range(max_r)] + ["clicks"]
     rows = []
     for rec in records:
         pad = [""] * (max_r - len(rec.iou))
         rows.append(
-            [rec.model, rec.protocol, rec.dataset, rec.image_id, rec.ann_id, rec.area, rec.task_prompt,
+            [rec.model, rec.protocol, rec.dataset, rec.image_id, rec.ann_id, rec.area, rec.image_area, rec.task_prompt,
              rec.noc.get("noc85", ""), rec.noc.get("noc90", "")]
             + [round(v, 6) for v in rec.iou] + pad
             + [round(v, 6) for v in rec.biou] + pad
@@ -266,7 +308,9 @@ def write_outputs(cfg, summary, metrics, records, panels, dataset_task, info) ->
             atomic_write_text(path, _csv_text(*curves(summary, protocol, metric)))
             paths[f"{protocol}_{metric}"] = path
     paths["table"] = out_dir / "table.md"
-    atomic_write_text(paths["table"], markdown_table(summary, dataset_task, ev.selection) + "\n")
+    table = markdown_table(summary, dataset_task, ev.selection) + "\n"
+    sizes = size_table(records, dataset_task)
+    atomic_write_text(paths["table"], table + ("\n" + sizes if sizes else ""))
     paths["per_mask"] = out_dir / "per_mask.csv"
     atomic_write_text(paths["per_mask"], _csv_text(*per_mask_rows(records)))
     paths["panels"] = save_panels(panels, out_dir) if panels else []
