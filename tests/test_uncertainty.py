@@ -28,6 +28,10 @@ from sum.uncertainty.report import (
     auroc,
     auroc_by_match_iou,
     average_ranks,
+    coverage_metrics,
+    coverage_records,
+    granularity_of,
+    load_hidden_gt,
     report_metrics,
     score_image,
     scoring_region,
@@ -298,3 +302,90 @@ def test_report_metrics_match_rule_and_bands():
     assert bands["0.00-0.25"]["n"] == 1 and bands["0.85-0.95"] == {"n": 1, "auroc_mean": 1.0}
     assert bands["0.95-1.00"] == {"n": 0, "auroc_mean": None}  # the exact mask has no AUROC
     json.dumps(out, allow_nan=False)  # plain JSON for DVC
+
+
+def test_coverage_counts_which_gt_masks_the_pseudo_labels_describe(tmp_path):
+    """Hand-made 100x100 image: a small part (4 px = 4e-4 of the image) that no pseudo label
+    matches, a larger part (100 px = 0.01) matched exactly, an entity matched at IoU 0.9, and a
+    fragment that matches nothing."""
+    size = (100, 100)
+    small, large, entity = (np.zeros(size, bool) for _ in range(3))
+    small[0:2, 0:2] = True
+    large[50:60, 50:60] = True
+    entity[20:40, 20:70] = True  # 1000 px
+    near_entity = entity.copy()
+    near_entity[20:40, 65:70] = False  # 900 px inside it: IoU 0.9
+    fragment = np.zeros(size, bool)
+    fragment[80:82, 80:82] = True
+    gts, labels = coverage_records(np.stack([large, near_entity, fragment]), np.stack([small, large, entity]), ["part", "part", "entity"])
+    assert [g["best_iou"] for g in gts] == [0.0, 1.0, pytest.approx(0.9)]
+    assert [g["area_fraction"] for g in gts] == [4e-4, 0.01, 0.1]
+    assert [lb["granularity"] for lb in labels[:2]] == ["part", "entity"] and labels[2]["iou"] == 0.0
+    out = coverage_metrics(gts, labels, 0.5)
+    part = out["by_granularity"]["part"]
+    assert part["n"] == 2 and part["recall"] == 0.5
+    assert part["by_area"]["0.0003-0.001"] == {"n": 1, "recall": 0.0}
+    assert part["by_area"]["0.01-1"] == {"n": 1, "recall": 1.0}  # the last band includes its ends
+    assert part["by_area"]["0-0.0003"] == {"n": 0, "recall": None}
+    assert out["by_granularity"]["entity"]["recall"] == 1.0
+    assert out["pseudo_labels"] == {"entity": 1, "part": 1, "unmatched": 1}
+    json.dumps(out, allow_nan=False)
+
+
+def test_hidden_gt_annotations_carry_their_files_granularity(tmp_path):
+    doc = {"images": [{"id": 1, "file_name": "a.png", "height": 4, "width": 4}],
+           "annotations": [{"id": 7, "image_id": 1, "segmentation": [[0, 0, 2, 0, 2, 2, 0, 2]], "area": 4, "bbox": [0, 0, 2, 2]}]}
+    for g in ("part", "entity"):
+        (tmp_path / f"annotations_{g}.json").write_text(json.dumps(doc))
+    hidden = load_hidden_gt(sorted(tmp_path.glob("annotations_*.json")))
+    assert [a["_granularity"] for a in hidden["a.png"][1]] == ["entity", "part"]
+    assert granularity_of("x/annotations_salient.json") == "salient" and granularity_of("gt.json") == "gt"
+
+
+def test_uncertainty_report_scores_a_dataset_end_to_end(tmp_path):
+    """The report stage on hand-made shards: one 64x64 image whose pseudo labels are a 16x16 block
+    (exactly a part of the hidden GT) and a 32x32 block (exactly an entity), with u flagging
+    nothing. Both are matched, their IoU is 1, and coverage finds 1 of 2 parts."""
+    from sum.config import UncertaintyConfig
+    from sum.data.coco import encode_rle, mask_to_annotation, write_coco
+    from sum.pseudo.store import ShardImage, write_shard
+    from sum.uncertainty.maps import UNCERTAINTY_FORMAT
+    from sum.uncertainty.report import uncertainty_report
+
+    size, img_size, low = (64, 64), 64, 16  # logits 16x16 in a 64x64 frame: 4 px per cell
+    blocks = {"part": (16, 16, 16), "entity": (8, 24, 32)}  # y0, x0, side (multiples of 4)
+    logits, records = [], []
+    for y0, x0, side in blocks.values():
+        s = np.full((low, low), -20.0, np.float16)
+        s[y0 // 4 : (y0 + side) // 4, x0 // 4 : (x0 + side) // 4] = 20.0
+        m = np.zeros(size, bool)
+        m[y0 : y0 + side, x0 : x0 + side] = True
+        records.append({"segmentation": encode_rle(m), "area": int(m.sum()), "bbox": [x0, y0, side, side],
+                        "predicted_iou": 0.95, "point_coords": [[x0 + 1, y0 + 1]], "stability_score": 0.99,
+                        "crop_box": [0, 0, 64, 64], "low_res_logits": s})
+    images = tmp_path / "pool" / "images"
+    images.mkdir(parents=True)
+    write_shard(tmp_path / "pseudo", "pool", 0, "h", [ShardImage("1", "a.png", 64, 64, 0, records)], logits_hw=(low, low), img_size=img_size)
+    summary = {"format": UNCERTAINTY_FORMAT, "shard": 0, "n_masks": 2, "pseudo_config_hash": "h", "images": []}
+    write_uncertainty_shard(tmp_path / "unc", "pool", 0, quantize_u(np.zeros((2, low, low), np.float32)), summary, np.stack([r["low_res_logits"] for r in records]).astype(np.float32))
+    gt = {g: [] for g in ("part", "entity")}
+    y0, x0, side = blocks["part"]
+    found = np.zeros(size, bool)
+    found[y0 : y0 + side, x0 : x0 + side] = True
+    missed = np.zeros(size, bool)
+    missed[56:60, 56:60] = True
+    entity = np.zeros(size, bool)
+    entity[8:40, 24:56] = True
+    gt["part"], gt["entity"] = [found, missed], [entity]
+    (tmp_path / "pool" / "hidden_gt").mkdir()
+    for g, masks in gt.items():
+        write_coco(tmp_path / "pool" / "hidden_gt" / f"annotations_{g}.json", [{"id": 1, "file_name": "a.png", "height": 64, "width": 64}],
+                   [mask_to_annotation(m, k + 1, 1) for k, m in enumerate(masks)])
+    cfg = UncertaintyConfig(metrics=str(tmp_path / "metrics.json"), panel="", n_panel_images=0)
+    out = uncertainty_report(tmp_path / "pseudo", tmp_path / "unc", {"pool": str(images)}, cfg)
+    assert out["n_masks_total"] == 2 and out["n_masks_matched"] == 2 and out["miou_pseudo"] == 1.0
+    cov = out["gt_coverage"]
+    assert cov["by_granularity"]["part"]["n"] == 2 and cov["by_granularity"]["part"]["recall"] == 0.5
+    assert cov["by_granularity"]["entity"]["recall"] == 1.0
+    assert cov["pseudo_labels"] == {"entity": 1, "part": 1}
+    assert json.loads((tmp_path / "metrics.json").read_text())["datasets"]["pool"]["gt_coverage"] == cov

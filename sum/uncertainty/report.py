@@ -30,6 +30,13 @@ pseudo label ``ŷ = 1[s > 0]`` (spec §3.3, the RLE the generator stored):
 4. **Refinement.** IoU with the matched GT of the raw pseudo label and of the refined mask
    ``1[r > 0]`` (``miou_pseudo``, ``miou_refined``), over the same matched pseudo labels.
 
+**Coverage** (``gt_coverage``): which of the world's objects the pseudo labels describe at all. Per
+granularity, the fraction of hidden GT masks that some pseudo label of their image matches
+(IoU >= ``min_match_iou``), overall and per band of GT area as a fraction of the image
+(``AREA_BANDS``); and the pseudo labels counted by the granularity of their best GT (``unmatched``
+below the threshold). The paper's pool is about half part masks (App. I.1); a pool whose pseudo
+labels miss a granularity cannot anchor it during fine-tuning.
+
 For context the same AUROC is reported for SAM's own confidence ``1 − |2σ(s) − 1|`` (the
 paper's "Confidence-Uncer" baseline, spec §4.2), and pixel accuracy of ŷ in certain
 (``c > θ``) and uncertain regions (App. D.3 reports 98% vs 28.5% on HRSOD).
@@ -46,6 +53,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from sum.eval.metrics import AREA_BANDS, area_band
 from sum.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -116,8 +124,15 @@ def _iou_1n(mask_hw: np.ndarray, gts_nhw: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
 
+def granularity_of(path: str | os.PathLike) -> str:
+    """The granularity a hidden-GT file annotates: its stem without ``annotations_``."""
+    stem = Path(path).stem
+    return stem[len("annotations_"):] if stem.startswith("annotations_") and len(stem) > 12 else stem
+
+
 def load_hidden_gt(paths: Sequence[str | os.PathLike]) -> Dict[str, Tuple[Tuple[int, int], List[dict]]]:
-    """file_name -> ((H, W), annotations) over every hidden-GT COCO file (all granularities)."""
+    """file_name -> ((H, W), annotations) over every hidden-GT COCO file (all granularities); each
+    annotation carries its file's granularity (`granularity_of`) under ``_granularity``."""
     out: Dict[str, Tuple[Tuple[int, int], List[dict]]] = {}
     for path in paths:
         try:
@@ -131,17 +146,70 @@ def load_hidden_gt(paths: Sequence[str | os.PathLike]) -> Dict[str, Tuple[Tuple[
             img = by_id.get(ann["image_id"])
             if img is None:
                 raise ValueError(f"{path}: annotation {ann.get('id')} refers to unknown image id {ann['image_id']}")
-            out[img["file_name"]][1].append(ann)
+            out[img["file_name"]][1].append({**ann, "_granularity": granularity_of(path)})
     return out
 
 
-def _gt_masks(entry, where: str) -> np.ndarray:
+def _gt_masks(entry, where: str) -> Tuple[np.ndarray, List[str]]:
+    """The non-empty GT masks of one hidden-GT entry, (N, H, W) bool, and their granularities."""
     from sum.data import formats
 
     (h, w), anns = entry
-    masks = [formats.segmentation_to_mask(a["segmentation"], h, w, where=f"{where}: annotation {a['id']}") for a in anns]
-    masks = [m for m in masks if m.any()]
-    return np.stack(masks).astype(bool) if masks else np.zeros((0, h, w), bool)
+    masks = [
+        (formats.segmentation_to_mask(a["segmentation"], h, w, where=f"{where}: annotation {a['id']}"), a.get("_granularity", ""))
+        for a in anns
+    ]
+    masks = [(m, g) for m, g in masks if m.any()]
+    if not masks:
+        return np.zeros((0, h, w), bool), []
+    return np.stack([m for m, _ in masks]).astype(bool), [g for _, g in masks]
+
+
+def coverage_records(pseudo_mhw: np.ndarray, gt_nhw: np.ndarray, granularity: Sequence[str]) -> Tuple[List[dict], List[dict]]:
+    """What one image's pseudo labels cover (module docstring, "Coverage").
+
+    Arguments:
+      pseudo_mhw: (M, H, W) bool pseudo labels.
+      gt_nhw: (N, H, W) bool hidden GT masks; ``granularity``: the granularity of each.
+    Returns:
+      (per GT mask: ``granularity``, ``area_fraction``, ``best_iou`` over the pseudo labels;
+      per pseudo label: ``granularity`` and ``iou`` of its best GT, the first in file order on ties).
+    """
+    m, n = len(pseudo_mhw), len(gt_nhw)
+    iou_mn = np.stack([_iou_1n(p, gt_nhw) for p in pseudo_mhw]) if m and n else np.zeros((m, n))
+    hw = float(gt_nhw.shape[1] * gt_nhw.shape[2]) if n else 1.0
+    gts = [
+        {"granularity": granularity[j], "area_fraction": float(gt_nhw[j].sum()) / hw, "best_iou": float(iou_mn[:, j].max()) if m else 0.0}
+        for j in range(n)
+    ]
+    labels = [
+        {"granularity": granularity[int(iou_mn[i].argmax())] if n else "", "iou": float(iou_mn[i].max()) if n else 0.0}
+        for i in range(m)
+    ]
+    return gts, labels
+
+
+def coverage_metrics(gts: Sequence[dict], labels: Sequence[dict], min_match_iou: float, bands: Sequence[float] = AREA_BANDS) -> dict:
+    """``gt_coverage``: per granularity ``n``, ``recall`` (best IoU >= ``min_match_iou``) and the same
+    per area band ``[lo, hi)``; ``pseudo_labels``: counts by the granularity of their best GT, or
+    ``unmatched``."""
+    out: Dict[str, dict] = {}
+    for g in sorted({r["granularity"] for r in gts}):
+        rows = [r for r in gts if r["granularity"] == g]
+        by_area = {}
+        for lo, hi in zip(bands[:-1], bands[1:]):
+            label = f"{lo:g}-{hi:g}"
+            band = [r for r in rows if area_band(r["area_fraction"], bands) == label]
+            by_area[label] = {
+                "n": len(band),
+                "recall": float(np.mean([r["best_iou"] >= min_match_iou for r in band])) if band else None,
+            }
+        out[g] = {"n": len(rows), "recall": float(np.mean([r["best_iou"] >= min_match_iou for r in rows])), "by_area": by_area}
+    counts: Dict[str, int] = {}
+    for r in labels:
+        key = r["granularity"] if r["iou"] >= min_match_iou else "unmatched"
+        counts[key] = counts.get(key, 0) + 1
+    return {"by_granularity": out, "pseudo_labels": dict(sorted(counts.items()))}
 
 
 def score_image(
@@ -275,20 +343,23 @@ def score_dataset(
     dataset: str,
     hidden_gt_paths: Sequence[str | os.PathLike],
     cfg,
-) -> Tuple[List[dict], List[dict]]:
-    """Per-mask records of every scored image of ``dataset``, and the images (for the panel).
+) -> Tuple[List[dict], List[dict], Tuple[List[dict], List[dict]]]:
+    """Per-mask records of every scored image of ``dataset``, the images (for the panel) and the
+    coverage records (`coverage_records`, concatenated over the images).
 
     Arguments:
       cfg: `UncertaintyConfig` (certainty_threshold, region_margin, region_min_px,
         max_report_images).
     Returns:
-      (records, images: dicts with image record, annotations, s, u, r, gt masks).
+      (records, images: dicts with image record, annotations, s, u, r, gt masks,
+      (GT coverage rows, pseudo-label rows)).
     """
+    from sum.data.coco import decode_rle
     from sum.pseudo.store import list_shards, read_shard
     from sum.uncertainty.maps import read_uncertainty_shard
 
     hidden = load_hidden_gt(hidden_gt_paths)
-    records, images = [], []
+    records, images, cover_gt, cover_labels = [], [], [], []
     for shard in list_shards(pseudo_dir, dataset):
         doc, logits = read_shard(pseudo_dir, dataset, shard)
         udoc, u, r = read_uncertainty_shard(uncertainty_dir, dataset, shard)
@@ -302,12 +373,16 @@ def score_dataset(
             if entry is None:
                 continue
             rows = [a["logit_index"] for a in img["annotations"]]
-            gt = _gt_masks(entry, f"hidden GT of {img['file_name']}")
+            gt, granularity = _gt_masks(entry, f"hidden GT of {img['file_name']}")
             s_i, u_i = logits[rows].astype(np.float32), u[rows]
             r_i = r[rows] if r is not None else None
             records += score_image(img, s_i, u_i, r_i, gt, img_size, cfg.certainty_threshold, cfg.region_margin, cfg.region_min_px)
             images.append({"img": img, "s": s_i, "u": u_i, "r": r_i, "gt": gt, "img_size": img_size})
-    return records, images
+            pseudo = np.stack([decode_rle(a["segmentation"]) for a in img["annotations"]]) if img["annotations"] else np.zeros((0, *gt.shape[1:]), bool)
+            g_rows, l_rows = coverage_records(pseudo.astype(bool), gt, granularity)
+            cover_gt += g_rows
+            cover_labels += l_rows
+    return records, images, (cover_gt, cover_labels)
 
 
 def write_panel(path: str | os.PathLike, images_dir: str | os.PathLike, images: Sequence[dict], n: int) -> Optional[Path]:
@@ -390,6 +465,8 @@ def uncertainty_report(
       the metrics dict (also written to ``cfg.metrics``).
     """
     all_records: List[dict] = []
+    all_gt: List[dict] = []
+    all_labels: List[dict] = []
     per_dataset: Dict[str, dict] = {}
     panel_done = False
     for name, images_dir in datasets.items():
@@ -397,12 +474,16 @@ def uncertainty_report(
         if not paths:
             log.info("uncertainty report: %s has no hidden GT (%s), not scored", name, cfg.hidden_gt)
             continue
-        records, images = score_dataset(pseudo_dir, uncertainty_dir, name, paths, cfg)
+        records, images, (cover_gt, cover_labels) = score_dataset(pseudo_dir, uncertainty_dir, name, paths, cfg)
         per_dataset[name] = report_metrics(records, cfg.min_match_iou)
+        per_dataset[name]["gt_coverage"] = coverage_metrics(cover_gt, cover_labels, cfg.min_match_iou)
         all_records += records
+        all_gt += cover_gt
+        all_labels += cover_labels
         if not panel_done and cfg.panel and cfg.n_panel_images > 0:
             panel_done = write_panel(cfg.panel, images_dir, images, cfg.n_panel_images) is not None
     metrics = report_metrics(all_records, cfg.min_match_iou)
+    metrics["gt_coverage"] = coverage_metrics(all_gt, all_labels, cfg.min_match_iou)
     for k, v in ((refiner_meta or {}).get("metrics") or {}).items():
         if k.startswith("val_") or k in ("pairs_kept", "train_pairs", "steps", "epochs_run", "best_epoch"):
             metrics[f"refine_{k}"] = v
