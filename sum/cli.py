@@ -77,6 +77,12 @@ def cmd_pseudolabel(cfg: Config, args: argparse.Namespace) -> None:
     pseudolabel(cfg)
 
 
+def cmd_oracle_pool(cfg: Config, args: argparse.Namespace) -> None:
+    from sum.pseudo.oracle import write_oracle_pool
+
+    write_oracle_pool(cfg, args.out or "data/pseudo_oracle")
+
+
 def cmd_refine(cfg: Config, args: argparse.Namespace) -> None:
     from sum.uncertainty.refine import run_refine
 
@@ -138,6 +144,7 @@ STAGES: dict[str, Callable[[Config, argparse.Namespace], None]] = {
     "validate": cmd_validate,
     "embed": cmd_embed,
     "pseudolabel": cmd_pseudolabel,
+    "oracle-pool": cmd_oracle_pool,
     "refine": cmd_refine,
     "uncertainty": cmd_uncertainty,
     "uncertainty-report": cmd_uncertainty_report,
@@ -156,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-dir", default=None, help="Hydra config dir (default: the repo's params/)")
     p.add_argument("--src", help="export-sam: SUM checkpoint (path, s3:// or https://)")
     p.add_argument("--sha256", help="export-sam: expected sha256 of --src")
-    p.add_argument("--out", help="export-sam: output SAM state dict; validate: report path")
+    p.add_argument("--out", help="export-sam: output SAM state dict; validate: report path; oracle-pool: shard folder (default data/pseudo_oracle)")
     p.add_argument("--method", help="finetune: the method to train (params/method/<name>.yaml; default: the config's)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
