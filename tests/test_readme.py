@@ -42,7 +42,7 @@ def test_extractors_find_the_readme_commands():
 
 @pytest.mark.parametrize("args", sum_commands(README.read_text()), ids=lambda a: " ".join(a)[:60])
 def test_readme_sum_command_parses_and_composes(args):
-    ns = build_parser().parse_args(args)
+    ns = build_parser().parse_intermixed_args(args)  # as `sum.cli.main` parses
     compose(ns.overrides)
 
 
