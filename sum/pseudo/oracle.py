@@ -71,7 +71,7 @@ def write_oracle_dataset(
     Raises:
       ValueError: naming a hidden-GT file that is not readable COCO (`load_hidden_gt`).
     """
-    from sum.uncertainty.report import _gt_masks, load_hidden_gt
+    from sum.uncertainty.report import hidden_gt_masks, load_hidden_gt
 
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size}: expected at least 1 image per shard")
@@ -94,7 +94,7 @@ def write_oracle_dataset(
         for position in range(start, min(start + shard_size, len(names))):
             name = names[position]
             (h, w), _ = hidden[name]
-            masks, _ = _gt_masks(hidden[name], f"hidden GT of {name}")
+            masks, _ = hidden_gt_masks(hidden[name], f"hidden GT of {name}")
             records = oracle_records(masks)
             n_masks += len(records)
             images.append(ShardImage(image_ids[name], name, h, w, position, records))

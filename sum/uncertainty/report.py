@@ -126,8 +126,8 @@ def _iou_1n(mask_hw: np.ndarray, gts_nhw: np.ndarray) -> np.ndarray:
 
 def granularity_of(path: str | os.PathLike) -> str:
     """The granularity a hidden-GT file annotates: its stem without ``annotations_``."""
-    stem = Path(path).stem
-    return stem[len("annotations_"):] if stem.startswith("annotations_") and len(stem) > 12 else stem
+    stem, prefix = Path(path).stem, "annotations_"
+    return stem[len(prefix):] if stem.startswith(prefix) and len(stem) > len(prefix) else stem
 
 
 def load_hidden_gt(paths: Sequence[str | os.PathLike]) -> Dict[str, Tuple[Tuple[int, int], List[dict]]]:
@@ -150,7 +150,7 @@ def load_hidden_gt(paths: Sequence[str | os.PathLike]) -> Dict[str, Tuple[Tuple[
     return out
 
 
-def _gt_masks(entry, where: str) -> Tuple[np.ndarray, List[str]]:
+def hidden_gt_masks(entry, where: str) -> Tuple[np.ndarray, List[str]]:
     """The non-empty GT masks of one hidden-GT entry, (N, H, W) bool, and their granularities."""
     from sum.data import formats
 
@@ -373,7 +373,7 @@ def score_dataset(
             if entry is None:
                 continue
             rows = [a["logit_index"] for a in img["annotations"]]
-            gt, granularity = _gt_masks(entry, f"hidden GT of {img['file_name']}")
+            gt, granularity = hidden_gt_masks(entry, f"hidden GT of {img['file_name']}")
             s_i, u_i = logits[rows].astype(np.float32), u[rows]
             r_i = r[rows] if r is not None else None
             records += score_image(img, s_i, u_i, r_i, gt, img_size, cfg.certainty_threshold, cfg.region_margin, cfg.region_min_px)
