@@ -10,6 +10,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from pycocotools import mask as mask_utils
 
 from sum.eval.metrics import (
+    mask_iou_matrix,
     aggregate,
     boundary_dilation,
     boundary_iou,
@@ -285,3 +286,19 @@ def test_aggregation_errors_name_the_dataset():
         aggregate({"A": [0.5], "B": []}, {"A": "salient", "B": "salient"})
     with pytest.raises(ValueError):
         overall_mean({})
+
+
+def test_iou_matrix_equals_pycocotools():
+    """Every pair of 5 x 4 random masks (one empty on each side) against pycocotools' ``iou``."""
+    rng = np.random.default_rng(7)
+    a = rng.random((5, 37, 53)) < rng.random((5, 1, 1))
+    b = rng.random((4, 37, 53)) < rng.random((4, 1, 1))
+    a[2] = False
+    b[1] = False
+    got = mask_iou_matrix(a, b)
+    ref = mask_utils.iou([rle(m) for m in a], [rle(m) for m in b], [0] * len(b))
+    assert got.shape == (5, 4)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
+    assert got[2, 1] == 0.0  # both empty
+    with pytest.raises(ValueError, match="cannot be compared"):
+        mask_iou_matrix(a, b[:, :, :50])

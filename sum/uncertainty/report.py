@@ -53,7 +53,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from sum.eval.metrics import AREA_BANDS, area_band
+from sum.eval.metrics import AREA_BANDS, area_band, mask_iou, mask_iou_matrix
 from sum.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -117,11 +117,7 @@ def scoring_region(
 
 
 def _iou_1n(mask_hw: np.ndarray, gts_nhw: np.ndarray) -> np.ndarray:
-    if gts_nhw.shape[0] == 0:
-        return np.zeros((0,))
-    inter = (gts_nhw & mask_hw).reshape(len(gts_nhw), -1).sum(1)
-    union = (gts_nhw | mask_hw).reshape(len(gts_nhw), -1).sum(1)
-    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+    return mask_iou_matrix(mask_hw[None], gts_nhw)[0] if len(gts_nhw) else np.zeros((0,))
 
 
 def granularity_of(path: str | os.PathLike) -> str:
@@ -176,7 +172,7 @@ def coverage_records(pseudo_mhw: np.ndarray, gt_nhw: np.ndarray, granularity: Se
       per pseudo label: ``granularity`` and ``iou`` of its best GT, the first in file order on ties).
     """
     m, n = len(pseudo_mhw), len(gt_nhw)
-    iou_mn = np.stack([_iou_1n(p, gt_nhw) for p in pseudo_mhw]) if m and n else np.zeros((m, n))
+    iou_mn = mask_iou_matrix(pseudo_mhw, gt_nhw) if m and n else np.zeros((m, n))
     hw = float(gt_nhw.shape[1] * gt_nhw.shape[2]) if n else 1.0
     gts = [
         {"granularity": granularity[j], "area_fraction": float(gt_nhw[j].sum()) / hw, "best_iou": float(iou_mn[:, j].max()) if m else 0.0}
@@ -243,10 +239,11 @@ def score_image(
     u_up = np.clip(uncertainty_at(u_mhw, img_size, input_size, size), 0.0, 1.0)
     s_up = uncertainty_at(s_mhw, img_size, input_size, size)
     r_up = uncertainty_at(r_mhw, img_size, input_size, size) if r_mhw is not None else None
+    pseudo_mhw = np.stack([decode_rle(a["segmentation"]) for a in anns]).astype(bool)
+    iou_mn = mask_iou_matrix(pseudo_mhw, gt_nhw) if len(gt_nhw) else np.zeros((len(anns), 0))
     out = []
     for k, a in enumerate(anns):
-        pseudo = decode_rle(a["segmentation"])
-        ious = _iou_1n(pseudo, gt_nhw)
+        pseudo, ious = pseudo_mhw[k], iou_mn[k]
         rec = {"id": a["id"], "image_id": img["image_id"]}
         if len(ious) == 0:
             out.append(rec)
@@ -255,7 +252,7 @@ def score_image(
         gt = gt_nhw[j]
         rec["gt_iou_pseudo"] = float(ious[j])
         if r_up is not None:
-            rec["gt_iou_refined"] = float(_iou_1n(gt, (r_up[k] > 0)[None])[0])
+            rec["gt_iou_refined"] = mask_iou(r_up[k] > 0, gt)
         rows, cols = scoring_region(a["bbox"], size, margin, min_px, gt)
         err = (pseudo[rows, cols] != gt[rows, cols]).ravel()
         u = u_up[k][rows, cols].ravel()
