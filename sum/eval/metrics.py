@@ -25,6 +25,7 @@ import numpy as np
 __all__ = [
     "AREA_BANDS",
     "area_band",
+    "band_labels",
     "mask_iou",
     "mask_iou_batch",
     "mask_iou_matrix",
@@ -45,12 +46,18 @@ AREA_BANDS = (0.0, 3e-4, 1e-3, 3e-3, 1e-2, 1.0)
 gains or loses (small parts against whole objects)."""
 
 
+def band_labels(bands: Sequence[float] = AREA_BANDS) -> list[str]:
+    """The labels ``"lo-hi"`` of the bands, in order."""
+    return [f"{lo:g}-{hi:g}" for lo, hi in zip(bands[:-1], bands[1:])]
+
+
 def area_band(fraction: float, bands: Sequence[float] = AREA_BANDS) -> str:
-    """The label ``"lo-hi"`` of the band of ``bands`` holding ``fraction`` (clipped into range)."""
-    for lo, hi in zip(bands[:-1], bands[1:]):
+    """The label (`band_labels`) of the band of ``bands`` holding ``fraction`` (clipped into range)."""
+    labels = band_labels(bands)
+    for label, hi in zip(labels, bands[1:]):
         if fraction < hi:
-            return f"{lo:g}-{hi:g}"
-    return f"{bands[-2]:g}-{bands[-1]:g}"
+            return label
+    return labels[-1]
 
 
 def _binary_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -34,7 +34,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from sum.eval.metrics import AREA_BANDS, area_band
+from sum.eval.metrics import area_band, band_labels
 from sum.io import atomic_path, atomic_write_text
 
 CURVE_X = {"point": "clicks", "box": "round"}
@@ -194,9 +194,8 @@ def size_table(records, dataset_task: Dict[str, str], protocol: str = "point") -
         "| Task | area / image | masks | " + " | ".join(models) + " |",
         "|---|---|---|" + "---|" * len(models),
     ]
-    bands = [f"{lo:g}-{hi:g}" for lo, hi in zip(AREA_BANDS[:-1], AREA_BANDS[1:])]
     for t in dict.fromkeys(dataset_task.values()):
-        for b in bands:
+        for b in band_labels():
             per_model = [cells.get((t, b, m)) for m in models]
             if not any(per_model):
                 continue

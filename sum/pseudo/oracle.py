@@ -39,18 +39,18 @@ log = logging.getLogger(__name__)
 def oracle_records(masks_nhw: np.ndarray, logits_hw: tuple[int, int] = (256, 256)) -> list[dict]:
     """Generator records (`sum.pseudo.store.RECORD_FIELDS`) for exact masks: COCO RLE, area, the
     XYWH box of the mask's pixels, IoU and stability 1, the whole image as crop box, zero logits."""
-    from sum.data.coco import encode_rle
+    from sum.data.coco import mask_to_annotation
 
     out = []
     h, w = masks_nhw.shape[1:] if masks_nhw.ndim == 3 else (0, 0)
     for m in masks_nhw:
+        ann = mask_to_annotation(m, 0, 0)
         ys, xs = np.nonzero(m)
-        x0, y0 = int(xs.min()), int(ys.min())
         out.append(
             {
-                "segmentation": encode_rle(m),
-                "area": int(m.sum()),
-                "bbox": [float(x0), float(y0), float(xs.max() + 1 - x0), float(ys.max() + 1 - y0)],
+                "segmentation": ann["segmentation"],
+                "area": int(ann["area"]),
+                "bbox": ann["bbox"],
                 "predicted_iou": 1.0,
                 "point_coords": [[float(xs.mean()), float(ys.mean())]],
                 "stability_score": 1.0,

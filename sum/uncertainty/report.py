@@ -53,7 +53,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from sum.eval.metrics import AREA_BANDS, area_band, mask_iou, mask_iou_matrix
+from sum.eval.metrics import AREA_BANDS, area_band, band_labels, mask_iou, mask_iou_matrix
 from sum.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -193,8 +193,7 @@ def coverage_metrics(gts: Sequence[dict], labels: Sequence[dict], min_match_iou:
     for g in sorted({r["granularity"] for r in gts}):
         rows = [r for r in gts if r["granularity"] == g]
         by_area = {}
-        for lo, hi in zip(bands[:-1], bands[1:]):
-            label = f"{lo:g}-{hi:g}"
+        for label in band_labels(bands):
             band = [r for r in rows if area_band(r["area_fraction"], bands) == label]
             by_area[label] = {
                 "n": len(band),
