@@ -80,7 +80,7 @@ def cmd_pseudolabel(cfg: Config, args: argparse.Namespace) -> None:
 def cmd_oracle_pool(cfg: Config, args: argparse.Namespace) -> None:
     from sum.pseudo.oracle import write_oracle_pool
 
-    write_oracle_pool(cfg, args.out or "data/pseudo_oracle")
+    write_oracle_pool(cfg, args.out or "data/pseudo_oracle", args.oracle, args.min_area)
 
 
 def cmd_refine(cfg: Config, args: argparse.Namespace) -> None:
@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", help="export-sam: SUM checkpoint (path, s3:// or https://)")
     p.add_argument("--sha256", help="export-sam: expected sha256 of --src")
     p.add_argument("--out", help="export-sam: output SAM state dict; validate: report path; oracle-pool: shard folder (default data/pseudo_oracle)")
+    p.add_argument("--oracle", default="gt", help="oracle-pool: what the pool holds, gt | matched | add-parts (sum.pseudo.oracle; default gt)")
+    p.add_argument("--min-area", type=float, default=0.0, help="oracle-pool --oracle add-parts: smallest added part, as a fraction of the image")
     p.add_argument("--method", help="finetune: the method to train (params/method/<name>.yaml; default: the config's)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p

@@ -84,7 +84,7 @@ def test_oracle_pool_copies_pools_without_gt_and_never_overwrites_the_real_label
             "hq": SimpleNamespace(role="labeled", images=str(tmp_path / "hq")),
         }),
         pseudo=SimpleNamespace(out_dir=str(tmp_path / "pseudo"), shard_size=8),
-        uncertainty=SimpleNamespace(hidden_gt="hidden_gt/annotations_*.json"),
+        uncertainty=SimpleNamespace(hidden_gt="hidden_gt/annotations_*.json", min_match_iou=0.5),
     )
     assert write_oracle_pool(cfg, tmp_path / "oracle") == {"pool": 6}
     assert read_shard_json(tmp_path / "oracle", "photos", 0)["config_hash"] == "real"
@@ -96,3 +96,89 @@ def test_oracle_pool_copies_pools_without_gt_and_never_overwrites_the_real_label
     write_shard(tmp_path / "pseudo", "pool", 0, "real", [ShardImage("1", "a.png", 8, 8, 0, [rec])])
     with pytest.raises(ValueError, match="no unlabeled dataset has hidden GT"):
         write_oracle_pool(cfg, tmp_path / "oracle2")
+
+
+def _real_pool(root):
+    """Real-looking shards for `_world`'s pool: per image the entity (exact), a junk block that
+    matches no GT mask and, on the first image only, its part; logits say which record is which."""
+    from sum.data.formats import segmentation_to_mask
+
+    part_of = {}
+    for a in json.loads((root / "pool" / "hidden_gt" / "annotations_part.json").read_text())["annotations"]:
+        part_of[a["image_id"]] = segmentation_to_mask(a["segmentation"], 40, 60)
+    entity = np.zeros((40, 60), bool)
+    entity[20:40, 30:60] = True
+    junk = np.zeros((40, 60), bool)
+    junk[0:10, 40:60] = True
+    shard_images = []
+    for k in range(3):
+        masks = [entity, junk] + ([part_of[11]] if k == 0 else [])
+        recs = []
+        for j, m in enumerate(masks):
+            rec = oracle_records(m[None])[0]
+            rec["predicted_iou"] = 0.9
+            rec["low_res_logits"] = np.full((256, 256), 10 * k + j + 1, np.float16)
+            recs.append(rec)
+        shard_images.append(ShardImage(str(11 + k), f"{k:06d}.png", 40, 60, k, recs))
+    write_shard(root / "pseudo", "pool", 0, "real", shard_images[:2])
+    write_shard(root / "pseudo", "pool", 1, "real", shard_images[2:])
+    return part_of
+
+
+def _shard_masks(root, k):
+    from sum.pseudo.store import iter_pseudo_labels
+    from sum.data.coco import decode_rle
+
+    rec, anns, logits = list(iter_pseudo_labels(root, "pool"))[k]
+    return [decode_rle(a["segmentation"]) for a in anns], [float(l.max()) for l in logits]
+
+
+def test_matched_pool_keeps_the_real_labels_that_match_a_gt_mask(tmp_path):
+    _world(tmp_path)
+    part_of = _real_pool(tmp_path)
+    gt = sorted((tmp_path / "pool" / "hidden_gt").glob("annotations_*.json"))
+    n = write_oracle_dataset(gt, tmp_path / "oracle", "pool", 2, "matched", tmp_path / "pseudo", 0.5)
+    assert n == 4  # image 11: entity + part; 12, 13: entity; the junk blocks are dropped
+    doc = read_shard_json(tmp_path / "oracle", "pool", 0)
+    assert doc["config_hash"].startswith("oracle-matched:") and [i["image_id"] for i in doc["images"]] == ["11", "12"]
+    masks, logits = _shard_masks(tmp_path / "oracle", 0)
+    assert logits == [1.0, 3.0]  # SAM's own logits travel with the labels kept
+    assert np.array_equal(masks[1], part_of[11])
+    assert _shard_masks(tmp_path / "oracle", 2)[1] == [21.0]
+
+
+def test_add_parts_pool_adds_only_the_missing_parts_above_min_area(tmp_path):
+    images = _world(tmp_path)
+    part_of = _real_pool(tmp_path)
+    gt = sorted((tmp_path / "pool" / "hidden_gt").glob("annotations_*.json"))
+    n = write_oracle_dataset(gt, tmp_path / "oracle", "pool", 2, "add-parts", tmp_path / "pseudo", 0.5)
+    assert n == 9  # image 11's part is already there; 12 and 13 each gain theirs
+    masks, logits = _shard_masks(tmp_path / "oracle", 1)
+    assert logits == [11.0, 12.0, 0.0] and np.array_equal(masks[2], part_of[12])  # the 1-px part, exact
+    assert len(_shard_masks(tmp_path / "oracle", 0)[0]) == 3
+    ds = PseudoLabelDataset(images, tmp_path / "oracle", "pool", min_ratio=0.0, max_masks=None)
+    assert sorted(int(m.sum()) for m in ds[2].masks) == [25, 200, 600]
+    # the parts are 25 px of 2,400: above 1% of the image they are not added
+    assert write_oracle_dataset(gt, tmp_path / "oracle", "pool", 2, "add-parts", tmp_path / "pseudo", 0.5, min_area=0.011) == 7
+    assert write_oracle_dataset(gt, tmp_path / "oracle", "pool", 2, "add-parts", tmp_path / "pseudo", 0.5, min_area=0.010) == 9
+
+
+def test_mixed_modes_refuse_bad_modes_and_images_without_gt_before_writing(tmp_path):
+    _world(tmp_path)
+    _real_pool(tmp_path)
+    gt = sorted((tmp_path / "pool" / "hidden_gt").glob("annotations_*.json"))
+    with pytest.raises(ValueError, match="oracle mode 'noisy'"):
+        write_oracle_dataset(gt, tmp_path / "oracle", "pool", 2, "noisy", tmp_path / "pseudo")
+    with pytest.raises(FileNotFoundError, match="no pseudo-label shards"):
+        write_oracle_dataset(gt, tmp_path / "oracle", "pool", 2, "matched", tmp_path / "nowhere")
+    m = np.zeros((40, 60), bool)
+    m[1:3, 1:3] = True
+    write_shard(tmp_path / "pseudo", "pool", 2, "real", [ShardImage("99", "stray.png", 40, 60, 3, oracle_records(m[None]))])
+    with pytest.raises(ValueError, match="1 images have pseudo labels but no hidden GT, e.g. stray.png"):
+        write_oracle_dataset(gt, tmp_path / "oracle", "pool", 2, "add-parts", tmp_path / "pseudo")
+    assert not (tmp_path / "oracle").exists()
+    cfg = SimpleNamespace(pseudo=SimpleNamespace(out_dir=str(tmp_path / "pseudo")))
+    with pytest.raises(ValueError, match="--oracle noisy: expected one of gt, matched, add-parts"):
+        write_oracle_pool(cfg, tmp_path / "oracle", "noisy")
+    with pytest.raises(ValueError, match=r"--min-area 1.5: expected a fraction of the image in \[0, 1\)"):
+        write_oracle_pool(cfg, tmp_path / "oracle", "add-parts", 1.5)

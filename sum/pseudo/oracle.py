@@ -16,6 +16,19 @@ off (``method.use_uncertainty_loss=false method.use_uncertainty_sampling=false``
     sum finetune --method sum train.pseudo_dir=data/pseudo_oracle train.model_dir=models/oracle \\
         method.use_uncertainty_loss=false method.use_uncertainty_sampling=false
 
+Two more modes take the real pool's pseudo labels as the starting point, to tell which half of
+the oracle's gain is which (``--oracle``):
+
+- ``matched``: the real pseudo labels (SAM's masks and logits) that match some hidden GT mask
+  (IoU >= ``uncertainty.min_match_iou``); the unmatched ones are dropped. Asks: does the pool's
+  noise cost anything?
+- ``add-parts``: every real pseudo label, plus each hidden GT *part* that none of them matches and
+  that covers at least ``min_area`` of the image. Asks: do the missing parts cost anything, and
+  which sizes of them?
+
+Mask ids change when labels are dropped or added, so the uncertainty maps of ``pseudo.out_dir`` no
+longer line up: train these with the uncertainty-aware loss and sampling off as well.
+
 This is a diagnostic. The hidden GT is never used by the pipeline's own stages.
 """
 
@@ -27,13 +40,15 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 
-from sum.pseudo.store import ShardImage, list_shards, shard_paths, write_shard
+from sum.pseudo.store import RECORD_FIELDS, ShardImage, iter_pseudo_labels, list_shards, read_shard_json, shard_paths, write_shard
 
 log = logging.getLogger(__name__)
+
+MODES = ("gt", "matched", "add-parts")
 
 
 def oracle_records(masks_nhw: np.ndarray, logits_hw: tuple[int, int] = (256, 256)) -> list[dict]:
@@ -61,18 +76,76 @@ def oracle_records(masks_nhw: np.ndarray, logits_hw: tuple[int, int] = (256, 256
     return out
 
 
+def mixed_records(
+    anns: Sequence[dict],
+    logits_mhw: np.ndarray,
+    gt_nhw: np.ndarray,
+    granularity: Sequence[str],
+    mode: str,
+    min_match_iou: float,
+    min_area: float = 0.0,
+) -> List[dict]:
+    """One image's records for the ``matched`` or ``add-parts`` mode (module docstring).
+
+    Arguments:
+      anns, logits_mhw: the image's real pseudo labels (shard annotations) and their low-res logits.
+      gt_nhw: (N, H, W) bool hidden GT masks; ``granularity``: the granularity of each.
+      min_match_iou: a pseudo label matches a GT mask (and a GT mask is covered) at this IoU.
+      min_area: ``add-parts`` adds only missing parts of at least this fraction of the image.
+    Returns:
+      generator records: the kept real ones in shard order (their own logits), then the added GT
+      parts in file order (`oracle_records`).
+    """
+    from sum.data.coco import decode_rle
+    from sum.uncertainty.report import coverage_records
+
+    if mode not in ("matched", "add-parts"):
+        raise ValueError(f"mode={mode!r}: expected 'matched' or 'add-parts'")
+    h, w = gt_nhw.shape[1:]
+    pseudo_mhw = np.stack([decode_rle(a["segmentation"]) for a in anns]) if len(anns) else np.zeros((0, h, w), bool)
+    if pseudo_mhw.shape[1:] != (h, w):
+        raise ValueError(f"pseudo labels are {pseudo_mhw.shape[1:]}, the hidden GT {(h, w)}")
+    gts, labels = coverage_records(pseudo_mhw, gt_nhw, granularity)
+    out = [
+        {**{k: a[k] for k in RECORD_FIELDS}, "low_res_logits": logits_mhw[i]}
+        for i, a in enumerate(anns)
+        if mode == "add-parts" or labels[i]["iou"] >= min_match_iou
+    ]
+    if mode == "add-parts":
+        missing = [
+            j for j, g in enumerate(gts)
+            if g["granularity"] == "part" and g["best_iou"] < min_match_iou and g["area_fraction"] >= min_area
+        ]
+        out += oracle_records(gt_nhw[missing], tuple(logits_mhw.shape[1:])) if missing else []
+    return out
+
+
 def write_oracle_dataset(
-    hidden_gt_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, dataset: str, shard_size: int
+    hidden_gt_paths: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    dataset: str,
+    shard_size: int,
+    mode: str = "gt",
+    pseudo_dir: str | os.PathLike | None = None,
+    min_match_iou: float = 0.5,
+    min_area: float = 0.0,
 ) -> int:
-    """Write ``<out_dir>/<dataset>/shard-*`` from the hidden GT files (every granularity, one
-    record per non-empty mask; image ids as those files give them, which are the dataset's),
-    images in file-name order; return the number of masks.
+    """Write ``<out_dir>/<dataset>/shard-*`` and return the number of masks written.
+
+    ``gt``: from the hidden GT files alone (every granularity, one record per non-empty mask; image
+    ids as those files give them, which are the dataset's), images in file-name order.
+    ``matched`` / ``add-parts``: the real shards of ``pseudo_dir`` changed by `mixed_records`, images
+    in the real shards' order.
 
     Raises:
-      ValueError: naming a hidden-GT file that is not readable COCO (`load_hidden_gt`).
+      ValueError: naming a hidden-GT file that is not readable COCO (`load_hidden_gt`), an unknown
+        mode, or an image of the real shards without hidden GT.
+      FileNotFoundError: the real shards, for the modes that start from them.
     """
     from sum.uncertainty.report import hidden_gt_masks, load_hidden_gt
 
+    if mode not in MODES:
+        raise ValueError(f"oracle mode {mode!r}: expected one of {', '.join(MODES)}")
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size}: expected at least 1 image per shard")
     hidden = load_hidden_gt(hidden_gt_paths)
@@ -83,36 +156,55 @@ def write_oracle_dataset(
         digest.update(raw)
         for img in json.loads(raw).get("images", []):
             image_ids.setdefault(img["file_name"], str(img["id"]))
-    config_hash = "oracle:" + digest.hexdigest()
+    if mode == "gt":
+        sources = [(image_ids[name], name, None, None) for name in sorted(hidden)]
+    else:
+        if pseudo_dir is None or not list_shards(pseudo_dir, dataset):
+            raise FileNotFoundError(f"{Path(pseudo_dir or '.') / dataset}: no pseudo-label shards for oracle mode {mode!r}")
+        for shard in list_shards(pseudo_dir, dataset):
+            digest.update(read_shard_json(pseudo_dir, dataset, shard)["config_hash"].encode())
+        digest.update(f"{min_match_iou}:{min_area}".encode())
+        sources = [(rec["image_id"], rec["file_name"], anns, logits) for rec, anns, logits in iter_pseudo_labels(pseudo_dir, dataset)]
+    no_gt = [name for _, name, _, _ in sources if name not in hidden]
+    if no_gt:
+        raise ValueError(f"{Path(pseudo_dir or '.') / dataset}: {len(no_gt)} images have pseudo labels but no hidden GT, e.g. {no_gt[0]}")
+    config_hash = ("oracle:" if mode == "gt" else f"oracle-{mode}:") + digest.hexdigest()
     target = Path(out_dir) / dataset
     if target.exists():
         shutil.rmtree(target)
-    names = sorted(hidden)
     n_masks = 0
-    for shard, start in enumerate(range(0, len(names), shard_size)):
+    for shard, start in enumerate(range(0, len(sources), shard_size)):
         images = []
-        for position in range(start, min(start + shard_size, len(names))):
-            name = names[position]
+        for position in range(start, min(start + shard_size, len(sources))):
+            image_id, name, anns, logits = sources[position]
             (h, w), _ = hidden[name]
-            masks, _ = hidden_gt_masks(hidden[name], f"hidden GT of {name}")
-            records = oracle_records(masks)
+            masks, granularity = hidden_gt_masks(hidden[name], f"hidden GT of {name}")
+            if mode == "gt":
+                records = oracle_records(masks)
+            else:
+                records = mixed_records(anns, logits, masks, granularity, mode, min_match_iou, min_area)
             n_masks += len(records)
-            images.append(ShardImage(image_ids[name], name, h, w, position, records))
+            images.append(ShardImage(image_id, name, h, w, position, records))
         write_shard(out_dir, dataset, shard, config_hash, images)
     return n_masks
 
 
-def write_oracle_pool(cfg, out_dir: str | os.PathLike) -> Dict[str, int]:
-    """The ``oracle-pool`` command: an oracle dataset for every unlabeled dataset with hidden GT,
-    the real shards (from ``pseudo.out_dir``) copied for the others; return masks per oracle
-    dataset.
+def write_oracle_pool(cfg, out_dir: str | os.PathLike, mode: str = "gt", min_area: float = 0.0) -> Dict[str, int]:
+    """The ``oracle-pool`` command: an oracle dataset (``mode``, module docstring) for every
+    unlabeled dataset with hidden GT, the real shards (from ``pseudo.out_dir``) copied for the
+    others; return masks per oracle dataset.
 
     Raises:
-      ValueError: when no unlabeled dataset has hidden GT, or ``out_dir`` is ``pseudo.out_dir``.
+      ValueError: when no unlabeled dataset has hidden GT, ``out_dir`` is ``pseudo.out_dir``, or
+        ``mode`` or ``min_area`` is not one this module knows.
       FileNotFoundError: naming a dataset without hidden GT that has no pseudo labels either.
     """
     from sum.uncertainty.report import hidden_gt_paths
 
+    if mode not in MODES:
+        raise ValueError(f"--oracle {mode}: expected one of {', '.join(MODES)}")
+    if not 0.0 <= min_area < 1.0:
+        raise ValueError(f"--min-area {min_area}: expected a fraction of the image in [0, 1)")
     if Path(out_dir).resolve() == Path(cfg.pseudo.out_dir).resolve():
         raise ValueError(f"--out {out_dir}: would overwrite the real pseudo labels (pseudo.out_dir)")
     counts: Dict[str, int] = {}
@@ -120,8 +212,10 @@ def write_oracle_pool(cfg, out_dir: str | os.PathLike) -> Dict[str, int]:
     for name, d in unlabeled.items():
         paths = hidden_gt_paths(d.images, cfg.uncertainty.hidden_gt)
         if paths:
-            counts[name] = write_oracle_dataset(paths, out_dir, name, cfg.pseudo.shard_size)
-            log.info("oracle pool: %s, %d hidden GT masks from %s", name, counts[name], ", ".join(Path(p).name for p in paths))
+            counts[name] = write_oracle_dataset(
+                paths, out_dir, name, cfg.pseudo.shard_size, mode, cfg.pseudo.out_dir, cfg.uncertainty.min_match_iou, min_area
+            )
+            log.info("oracle pool (%s): %s, %d masks, hidden GT from %s", mode, name, counts[name], ", ".join(Path(p).name for p in paths))
             continue
         if not list_shards(cfg.pseudo.out_dir, name):
             raise FileNotFoundError(f"{Path(cfg.pseudo.out_dir) / name}: {name} has no hidden GT and no pseudo labels to copy")
