@@ -46,6 +46,37 @@ def scenes():
     return [render_scene(101, i, SIZE, "default") for i in range(12)] + [render_scene(104, i, SIZE, "shift") for i in range(4)]
 
 
+def test_a_world_elsewhere_keeps_its_sheet_beside_it(tmp_path, monkeypatch):
+    from sum.data.synthetic import DEFAULT_SHEET, sheet_path_for
+
+    monkeypatch.chdir(tmp_path)
+    assert sheet_path_for("data/world") == DEFAULT_SHEET == sheet_path_for(tmp_path / "data" / "world")
+    cfg = WorldConfig(out_dir="exp/world", image_size=SIZE, sets={"pool": WorldSetConfig(task="unspecified", role="unlabeled", n_images=1, seed=2)})
+    generate_world(cfg, workers=1)
+    assert (tmp_path / "exp" / "world" / "contact_sheet.png").is_file()
+    assert not (tmp_path / DEFAULT_SHEET).exists()  # the pipeline's sheet is not touched
+
+
+def test_workers_after_rendering_in_this_process_do_not_hang(tmp_path):
+    """cv2 used here first, then forked workers (it hung: cv2's pool state crossed the fork)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import cv2, sys\n"
+        "from sum.config import WorldSetConfig\n"
+        "from sum.data.synthetic import generate_set\n"
+        "from sum.data.world.scene import render_scene\n"
+        "render_scene(2, 0, 96, 'default')\n"
+        "n = cv2.getNumThreads()\n"
+        "generate_set(sys.argv[1], 'x', WorldSetConfig(task='salient', role='labeled', n_images=8, seed=1), 96, workers=2)\n"
+        "assert cv2.getNumThreads() == n\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], timeout=60, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list((tmp_path / "x" / "images").glob("*.png"))) == 8
+
+
 def test_same_seed_same_bytes_whatever_the_workers(world, tmp_path):
     out, paths = world
     again = generate_set(tmp_path, "hq", WorldSetConfig(task="salient", role="labeled", n_images=8, seed=1), SIZE, workers=1)

@@ -96,8 +96,16 @@ def _map(jobs: Sequence[_Job], workers: int) -> List[dict]:
     if workers <= 1 or len(jobs) < 8 or not forkable:
         return [_image_job(j) for j in jobs]
     ctx = mp.get_context("fork")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
-        return list(pool.map(_image_job, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    # cv2's own thread pool is not a Python thread: once this process has run cv2 (rendered a
+    # scene), a forked child inherits the pool's state without its threads and hangs on its first
+    # parallel call. Stop the pool for the fork, and restore it after.
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+            return list(pool.map(_image_job, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def _check(name: str, cfg: WorldSetConfig) -> None:
@@ -178,9 +186,20 @@ def _replace_dir(src: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def generate_world(cfg: WorldConfig, workers: int = 2, sheet_path: Optional[Union[str, os.PathLike]] = DEFAULT_SHEET) -> Dict[str, Path]:
+def sheet_path_for(out_dir: Union[str, os.PathLike]) -> Path:
+    """Where the contact sheet of a world at ``out_dir`` goes: the pipeline's ``DEFAULT_SHEET`` for
+    the default ``data/world``, else ``<out_dir>/contact_sheet.png``, so that a world written
+    elsewhere (an experiment) never replaces the pipeline's sheet."""
+    if Path(out_dir).resolve() == Path(WorldConfig().out_dir).resolve():
+        return DEFAULT_SHEET
+    return Path(out_dir) / "contact_sheet.png"
+
+
+def generate_world(cfg: WorldConfig, workers: int = 2, sheet_path: Optional[Union[str, os.PathLike]] = "auto") -> Dict[str, Path]:
     """Write every set of ``cfg`` under ``cfg.out_dir``; then the contact sheet at ``sheet_path``
-    (skipped when None). Returns {set name: set folder}."""
+    (``"auto"``: `sheet_path_for`; skipped when None). Returns {set name: set folder}."""
+    if sheet_path == "auto":
+        sheet_path = sheet_path_for(cfg.out_dir)
     paths = {name: generate_set(cfg.out_dir, name, s, cfg.image_size, workers=workers) for name, s in cfg.sets.items()}
     if sheet_path is not None and paths:
         contact_sheet(cfg.out_dir, list(paths), sheet_path)
