@@ -96,13 +96,12 @@ def mixed_records(
       generator records: the kept real ones in shard order (their own logits), then the added GT
       parts in file order (`oracle_records`).
     """
-    from sum.data.coco import decode_rle
-    from sum.uncertainty.report import coverage_records
+    from sum.uncertainty.report import coverage_records, pseudo_label_masks
 
     if mode not in ("matched", "add-parts"):
         raise ValueError(f"mode={mode!r}: expected 'matched' or 'add-parts'")
     h, w = gt_nhw.shape[1:]
-    pseudo_mhw = np.stack([decode_rle(a["segmentation"]) for a in anns]) if len(anns) else np.zeros((0, h, w), bool)
+    pseudo_mhw = pseudo_label_masks(anns, (h, w))
     if pseudo_mhw.shape[1:] != (h, w):
         raise ValueError(f"pseudo labels are {pseudo_mhw.shape[1:]}, the hidden GT {(h, w)}")
     gts, labels = coverage_records(pseudo_mhw, gt_nhw, granularity)

@@ -146,6 +146,16 @@ def load_hidden_gt(paths: Sequence[str | os.PathLike]) -> Dict[str, Tuple[Tuple[
     return out
 
 
+def pseudo_label_masks(anns: Sequence[dict], hw: Tuple[int, int]) -> np.ndarray:
+    """(M, H, W) bool: an image's pseudo labels (shard annotations) decoded, in annotation order;
+    (0, H, W) when it has none."""
+    from sum.data.coco import decode_rle
+
+    if not anns:
+        return np.zeros((0, *hw), bool)
+    return np.stack([decode_rle(a["segmentation"]) for a in anns]).astype(bool)
+
+
 def hidden_gt_masks(entry, where: str) -> Tuple[np.ndarray, List[str]]:
     """The non-empty GT masks of one hidden-GT entry, (N, H, W) bool, and their granularities."""
     from sum.data import formats
@@ -227,7 +237,6 @@ def score_image(
     """
     from segment_anything.utils.transforms import ResizeLongestSide
 
-    from sum.data.coco import decode_rle
     from sum.uncertainty.maps import uncertainty_at
 
     size = (int(img["height"]), int(img["width"]))
@@ -238,7 +247,7 @@ def score_image(
     u_up = np.clip(uncertainty_at(u_mhw, img_size, input_size, size), 0.0, 1.0)
     s_up = uncertainty_at(s_mhw, img_size, input_size, size)
     r_up = uncertainty_at(r_mhw, img_size, input_size, size) if r_mhw is not None else None
-    pseudo_mhw = np.stack([decode_rle(a["segmentation"]) for a in anns]).astype(bool)
+    pseudo_mhw = pseudo_label_masks(anns, size)
     iou_mn = mask_iou_matrix(pseudo_mhw, gt_nhw) if len(gt_nhw) else np.zeros((len(anns), 0))
     out = []
     for k, a in enumerate(anns):
@@ -350,7 +359,6 @@ def score_dataset(
       (records, images: dicts with image record, annotations, s, u, r, gt masks,
       (GT coverage rows, pseudo-label rows)).
     """
-    from sum.data.coco import decode_rle
     from sum.pseudo.store import list_shards, read_shard
     from sum.uncertainty.maps import read_uncertainty_shard
 
@@ -374,8 +382,7 @@ def score_dataset(
             r_i = r[rows] if r is not None else None
             records += score_image(img, s_i, u_i, r_i, gt, img_size, cfg.certainty_threshold, cfg.region_margin, cfg.region_min_px)
             images.append({"img": img, "s": s_i, "u": u_i, "r": r_i, "gt": gt, "img_size": img_size})
-            pseudo = np.stack([decode_rle(a["segmentation"]) for a in img["annotations"]]) if img["annotations"] else np.zeros((0, *gt.shape[1:]), bool)
-            g_rows, l_rows = coverage_records(pseudo.astype(bool), gt, granularity)
+            g_rows, l_rows = coverage_records(pseudo_label_masks(img["annotations"], gt.shape[1:]), gt, granularity)
             cover_gt += g_rows
             cover_labels += l_rows
     return records, images, (cover_gt, cover_labels)
