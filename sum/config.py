@@ -373,6 +373,9 @@ class EvalConfig:
     precision: str = "fp32"  # decoder autocast: fp32 | bf16 (1.4x faster on CPU, moves benchmark means by up to 0.05)
     threads: int = 0  # torch intra-op threads during the run (restored after); 0 = leave torch's setting
     n_panels: int = 2  # images per benchmark in outputs/eval/panels/<benchmark>.png
+    reference: str = ""  # the model the others are compared with (table.md, deltas.csv); "" = the first of models
+    bootstrap: int = 1000  # image-bootstrap redraws of the interval of each difference; 0 = no comparison
+    ci_level: float = 0.95  # coverage of that interval
     metrics: str = "metrics/eval.json"
     plots_dir: str = "plots/eval"
     out_dir: str = "outputs/eval"

@@ -216,6 +216,21 @@ def test_run_writes_all_outputs_and_they_agree(run):
         png = Path(ev.out_dir) / "panels" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # the comparison with the foundation model: each difference == the difference of the JSON's
+    # aggregated means, inside its interval; the table shows the mIoU rows
+    deltas = read_csv(Path(ev.out_dir) / "deltas.csv")
+    assert {(d["metric"], d["protocol"]) for d in deltas} == {(m, p) for m in ("iou", "biou") for p in ("point", "box", "boundary")}
+    assert {d["model"] for d in deltas} == set(metrics) - {"foundation"}
+    for d in deltas:
+        key = {"iou": "miou", "biou": "mbiou"}[d["metric"]] + "_" + d["round"]
+        if key not in metrics["foundation"][d["protocol"]]["overall"]:
+            continue
+        pick = (lambda e: e["overall"]) if d["scope"] == "overall" else (lambda e: e["tasks"][d["scope"]])
+        want = pick(metrics[d["model"]][d["protocol"]])[key] - pick(metrics["foundation"][d["protocol"]])[key]
+        assert float(d["delta"]) == pytest.approx(want, abs=2e-4)
+        assert float(d["lo"]) <= float(d["delta"]) + 1e-9 <= float(d["hi"]) + 2e-9
+    assert "## Against foundation: mIoU difference, 95% interval" in table
+
     info = json.loads((Path(ev.out_dir) / "run.json").read_text())
     # decoder-mode checkpoints reuse the cached embeddings; the one with another encoder encodes
     n_images = 3 + 2
@@ -405,6 +420,9 @@ def test_missing_checkpoint_names_the_key(world, tmp_path):
         ("task_prompt_zero", ["all"], r"eval\.task_prompt_zero"),
         ("datasets", ["nope"], r"eval\.datasets: unknown dataset\(s\) \['nope'\]"),
         ("models", {"a.b": ""}, r"eval\.models\.a\.b"),
+        ("reference", "nope", r"eval\.reference='nope'"),
+        ("bootstrap", -1, r"eval\.bootstrap=-1"),
+        ("ci_level", 1.0, r"eval\.ci_level=1\.0"),
     ],
 )
 def test_bad_eval_config_names_the_key(world, tmp_path, field, value, match):
@@ -439,7 +457,8 @@ def test_logs_params_metrics_curves_and_artifacts_to_mlflow(world, tmp_path, mon
     assert [m.step for m in curve] == [1, 2]
     assert curve[1].value == pytest.approx(metrics["foundation"]["point"]["overall"]["miou_2"], abs=1e-4)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
-    assert {"eval/eval.json", "eval/table.md", "eval/per_mask.csv", "eval/point_miou.csv", "eval/panels"} <= artifacts
+    assert {"eval/eval.json", "eval/table.md", "eval/per_mask.csv", "eval/deltas.csv", "eval/point_miou.csv",
+            "eval/panels"} <= artifacts
 
 
 def test_user_sam_checkpoint_on_a_mask_folder_benchmark_by_overrides_only(world, tmp_path):

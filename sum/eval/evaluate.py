@@ -105,6 +105,12 @@ def check_eval_config(ev, datasets: Dict[str, object]) -> List[str]:
         value = getattr(ev, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"eval.{key}={value!r}: expected an integer >= {low}")
+    if ev.reference and ev.reference not in ev.models:
+        raise ValueError(f"eval.reference={ev.reference!r}: not a model of eval.models {list(ev.models)}")
+    if not isinstance(ev.bootstrap, int) or isinstance(ev.bootstrap, bool) or ev.bootstrap < 0:
+        raise ValueError(f"eval.bootstrap={ev.bootstrap!r}: expected an integer >= 0")
+    if not isinstance(ev.ci_level, (int, float)) or isinstance(ev.ci_level, bool) or not 0.0 < ev.ci_level < 1.0:
+        raise ValueError(f"eval.ci_level={ev.ci_level!r}: expected a fraction in (0, 1)")
     names = list(ev.datasets) or [n for n, d in datasets.items() if d.role == "benchmark"]
     if not names:
         raise ValueError("eval.datasets: empty and no dataset in data.datasets has role 'benchmark'")

@@ -16,6 +16,11 @@ aggregates) into files, written atomically:
   the target's area as a fraction of its image) after the first, third and last click: a plain
   mean over the masks of the band, to show where a model gains or loses (small parts against
   whole objects), not the paper's aggregation.
+  Last, against the reference model (``eval.reference``, default the first of ``eval.models``,
+  the foundation model): each other model's mIoU difference per task and overall with an
+  image-bootstrap interval (`sum.eval.stats`), marked where the interval excludes 0.
+- ``<out_dir>/deltas.csv``: those differences for IoU and boundary IoU, every protocol, scope and
+  round (``eval.bootstrap: 0`` leaves out the section and the file).
 - ``<out_dir>/panels/<benchmark>.png``: image, ground truth, each model's masks after rounds 1
   and 3 with its clicks (green positive, red negative).
 - ``<out_dir>/per_mask.csv``: one row per target, model and protocol (debugging).
@@ -208,6 +213,72 @@ def size_table(records, dataset_task: Dict[str, str], protocol: str = "point") -
     return "\n".join(lines + [""])
 
 
+def _signed(v: float) -> str:
+    """Points with their sign (a true minus); 0.0 for what rounds to zero."""
+    text = f"{100 * v:+.1f}"
+    return "0.0" if text in ("+0.0", "-0.0") else text.replace("-", "\u2212")
+
+
+def delta_table(deltas: Dict[str, Dict[str, Dict[str, list]]], reference: str, level: float, samples: int) -> str:
+    """Markdown: per protocol, each model's mIoU minus the reference's with its bootstrap interval
+    (`sum.eval.stats.paired_deltas`), per task and overall after the reported rounds; '' when
+    there is nothing to compare."""
+    if not any(deltas.values()):
+        return ""
+    lines = [
+        f"## Against {reference}: mIoU difference, {100 * level:.0f}% interval",
+        "",
+        f"Each cell is the model's mIoU minus {reference}'s, in points, aggregated as above, then a "
+        f"percentile interval from {samples} bootstrap redraws of each benchmark's images (the masks "
+        "of an image move together; both models scored on the same draw; widened by sqrt(n/(n-1)) "
+        "for a benchmark of n images, see `sum.eval.stats`). \u2193: the interval is wholly below 0 "
+        "(a loss the choice of images does not explain); \u2191: wholly above; neither: the "
+        "benchmarks cannot tell; n/a: a benchmark of the row has one image. With a few images per "
+        "benchmark the intervals are rough. `masks` counts the targets of the row.",
+        "",
+    ]
+    for protocol, per_model in deltas.items():
+        if not per_model:
+            continue
+        models = list(per_model)
+        scopes = list(per_model[models[0]])
+        rounds = report_rounds(len(per_model[models[0]][scopes[0]]))
+        unit = "clicks" if protocol == "point" else "rounds"
+        lines += [f"### {protocol}", ""]
+        lines.append(f"| Task | {unit} | masks | " + " | ".join(models) + " |")
+        lines.append("|---|---|---|" + "---|" * len(models))
+        for scope in scopes:
+            for r in rounds:
+                cells = []
+                for m in models:
+                    d = per_model[m][scope][r - 1]
+                    if d.verdict == "unknown":
+                        cells.append(f"{_signed(d.delta)} [n/a]")
+                        continue
+                    mark = {"below": " \u2193", "above": " \u2191"}.get(d.verdict, "")
+                    cells.append(f"{_signed(d.delta)} [{_signed(d.lo)}, {_signed(d.hi)}]{mark}")
+                label = "**Overall**" if scope == "overall" else scope
+                n = per_model[models[0]][scope][0].n_masks
+                lines.append("| " + " | ".join([label, str(r), str(n), *cells]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def delta_rows(deltas_by_metric: Dict[str, Dict[str, Dict[str, Dict[str, list]]]]) -> tuple[List[str], List[List]]:
+    """The CSV of every paired difference: one row per metric, protocol, model, scope and round
+    (fractions, 6 decimals)."""
+    header = ["metric", "protocol", "model", "scope", "round", "delta", "lo", "hi", "verdict", "images", "masks"]
+    rows = []
+    for metric, by_protocol in deltas_by_metric.items():
+        for protocol, per_model in by_protocol.items():
+            for model, scopes in per_model.items():
+                for scope, series in scopes.items():
+                    for r, d in enumerate(series, start=1):
+                        rows.append([metric, protocol, model, scope, r, round(d.delta, 6), round(d.lo, 6),
+                                     round(d.hi, 6), d.verdict, d.n_images, d.n_masks])
+    return header, rows
+
+
 def _num(v) -> str:
     return "" if v is None else f"{v:.2f}"
 
@@ -293,6 +364,29 @@ def save_panels(panels, out_dir: Path) -> List[Path]:
     return paths
 
 
+def reference_model(ev) -> str:
+    """The model the others are compared with: ``eval.reference``, or the first of ``eval.models``."""
+    return ev.reference or next(iter(ev.models))
+
+
+def compare_to_reference(records, dataset_task: Dict[str, str], ev) -> Dict:
+    """``{metric: {protocol: paired_deltas(...)}}`` for IoU and boundary IoU on every protocol the
+    reference ran; {} when ``eval.bootstrap`` is 0 or only the reference was scored."""
+    from sum.eval.stats import paired_deltas
+
+    reference = reference_model(ev)
+    if ev.bootstrap == 0 or not any(r.model != reference for r in records):
+        return {}
+    protocols = list(dict.fromkeys(r.protocol for r in records if r.model == reference))
+    return {
+        metric: {
+            p: paired_deltas(records, dataset_task, reference, p, metric=metric, samples=ev.bootstrap, level=ev.ci_level)
+            for p in protocols
+        }
+        for metric in ("iou", "biou")
+    }
+
+
 def write_outputs(cfg, summary, metrics, records, panels, dataset_task, info) -> Dict:
     """Write every output of the stage (module docstring); return their paths by key."""
     ev = cfg.eval
@@ -309,7 +403,14 @@ def write_outputs(cfg, summary, metrics, records, panels, dataset_task, info) ->
     paths["table"] = out_dir / "table.md"
     table = markdown_table(summary, dataset_task, ev.selection) + "\n"
     sizes = size_table(records, dataset_task)
-    atomic_write_text(paths["table"], table + ("\n" + sizes if sizes else ""))
+    deltas = compare_to_reference(records, dataset_task, ev)
+    shown = delta_table(deltas.get("iou", {}), reference_model(ev), ev.ci_level, ev.bootstrap) if deltas else ""
+    atomic_write_text(paths["table"], table + ("\n" + sizes if sizes else "") + ("\n" + shown if shown else ""))
+    if deltas:
+        paths["deltas"] = out_dir / "deltas.csv"
+        atomic_write_text(paths["deltas"], _csv_text(*delta_rows(deltas)))
+    else:
+        (out_dir / "deltas.csv").unlink(missing_ok=True)  # not one of an earlier run's settings
     paths["per_mask"] = out_dir / "per_mask.csv"
     atomic_write_text(paths["per_mask"], _csv_text(*per_mask_rows(records)))
     paths["panels"] = save_panels(panels, out_dir) if panels else []
