@@ -109,6 +109,10 @@ def test_same_seed_same_interval_and_a_consistent_loss_is_below():
     a = paired_deltas(records, {"p": "part"}, "foundation", "point", samples=500, seed=3)
     b = paired_deltas(records, {"p": "part"}, "foundation", "point", samples=500, seed=3)
     assert a == b
+    # another model, compared too, leaves this one's interval as it was
+    extra = [rec("vanilla", r.dataset, r.image_id, r.ann_id, [r.iou[0] + 0.01]) for r in records if r.model == "sum"]
+    c = paired_deltas(extra + records, {"p": "part"}, "foundation", "point", samples=500, seed=3)
+    assert list(c) == ["vanilla", "sum"] and c["sum"] == a["sum"]
     d = a["sum"]["part"][0]
     assert d.verdict == "below" and d.lo <= d.delta <= d.hi < 0
     assert Delta(0.02, 0.01, 0.03, 1, 1).verdict == "above"

@@ -105,7 +105,8 @@ def paired_deltas(
       metric: ``iou`` or ``biou``.
       samples: bootstrap replicates; 0 gives intervals of no width (the point estimate only).
       level: the interval's coverage, in (0, 1).
-      seed: the generator's seed; the same records and seed give the same intervals.
+      seed: the generator's seed. Every model starts from it, so all models are scored on the
+        same redraws, and a model's interval does not change when others are added or dropped.
 
     Returns:
       ``{model: {scope: [Delta per round]}}``, scopes the tasks (in ``dataset_task`` order) and
@@ -128,10 +129,11 @@ def paired_deltas(
     ref = _per_image(by_model.pop(reference), metric)
     datasets = [d for d in dataset_task if d in ref]
     tasks = list(dict.fromkeys(dataset_task[d] for d in datasets))
-    rng = np.random.default_rng(seed)
     alpha = (1.0 - level) / 2.0
     out: Dict[str, Dict[str, List[Delta]]] = {}
     for model, model_recs in by_model.items():
+        # every model redraws the same images: its interval does not depend on the other models
+        rng = np.random.default_rng(seed)
         mine = _per_image(model_recs, metric)
         point: Dict[str, np.ndarray] = {}
         reps: Dict[str, np.ndarray] = {}
