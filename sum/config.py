@@ -352,8 +352,8 @@ class EvalConfig:
     """Benchmark evaluation (spec §10; ``sum evaluate``, `sum.eval.evaluate.run_evaluate`).
 
     ``models`` maps a column name to a checkpoint: "" is ``model`` itself (the foundation
-    checkpoint), a path a SUM checkpoint of ``finetune`` (its ``meta.method`` decides the task
-    prompt, spec §13 A3) or a plain SAM state dict. Its default lives in params/eval/default.yaml
+    checkpoint), a path a SUM checkpoint of ``finetune`` (the method stored in its meta decides
+    the task prompt, spec §13 A3) or a plain SAM state dict. Its default lives in params/eval/default.yaml
     (foundation, hq_only, vanilla, sum) and not here, so that ``~eval.models.<name>`` can drop a
     model (a schema default would be merged back in). The caps and ``box_rounds`` keep the
     embedded default within about 4 minutes on 2 CPU cores; 0 caps mean the paper's protocol.

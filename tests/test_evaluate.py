@@ -86,9 +86,10 @@ def make_cfg(root: Path, data: dict, **eval_fields) -> sc.Config:
     return cfg
 
 
-def perturbed_checkpoint(path: Path, method: str, part: str, seed: int) -> Path:
+def perturbed_checkpoint(path: Path, method: str, part: str, seed: int, method_config: dict | None = None) -> Path:
     """The tiny foundation model (seed 0) with ``part`` (decoder or encoder) and the task prompts
-    nudged, saved as a SUM checkpoint whose meta names ``method``."""
+    nudged, saved as a SUM checkpoint whose meta names ``method`` (and stores ``method_config``,
+    as `finetune` does, when given)."""
     from sum.model.checkpoint import build_model, save_sum_checkpoint
 
     torch.manual_seed(0)
@@ -101,7 +102,8 @@ def perturbed_checkpoint(path: Path, method: str, part: str, seed: int) -> Path:
         for i, emb in enumerate(model.prompt_encoder.task_prompt_embedding):
             if i:
                 emb.weight.copy_(0.5 * torch.randn(emb.weight.shape, generator=g))
-    return save_sum_checkpoint(model, tiny_model_cfg(), path, meta={"method": method})
+    meta = {"method": method} if method_config is None else {"method": method, "method_config": method_config}
+    return save_sum_checkpoint(model, tiny_model_cfg(), path, meta=meta)
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +254,30 @@ def test_task_prompt_at_test_time_follows_a3(run):
     # on the untrained task the @tp0 variant is the same prompting, hence the same numbers
     assert metrics["sum@tp0"]["point"]["datasets"]["b_part"] == metrics["sum"]["point"]["datasets"]["b_part"]
     assert metrics["sum@tp0"]["point"]["datasets"]["b_salient"] != metrics["sum"]["point"]["datasets"]["b_salient"]
+
+
+def test_evaluation_prompts_a_model_as_it_was_trained(world, tmp_path):
+    """The method flags stored in a checkpoint win over the evaluating config's method of the same
+    name: a `sum` trained with ``method.continuous_task_prompt=true`` keeps its task prompt in
+    every round, one trained without task prompts gets none; a checkpoint without the stored
+    flags (older ones) falls back to the method its meta names."""
+    root, data, _ = world
+    flags = dataclasses.asdict(sc.MethodConfig(name="sum"))
+    ckpts = {
+        "ctp": perturbed_checkpoint(tmp_path / "ctp.pt", "sum", "decoder", 1, {**flags, "continuous_task_prompt": True}),
+        "no_tp": perturbed_checkpoint(tmp_path / "no_tp.pt", "sum", "decoder", 1, {**flags, "use_task_prompt": False}),
+        "old": perturbed_checkpoint(tmp_path / "old.pt", "sum", "decoder", 1),
+    }
+    cfg = make_cfg(tmp_path, data, models={k: str(v) for k, v in ckpts.items()})
+    assert cfg.method.name == "sum" and not cfg.method.continuous_task_prompt and cfg.method.use_task_prompt
+    models = {m.name: m for m in ev_mod.load_eval_models(cfg)}
+    assert models["ctp"].task_prompts("salient", ["salient"], 3) == [1, 1, 1]
+    assert models["no_tp"].task_prompts("salient", ["salient"], 3) == [0, 0, 0] and "no_tp@tp0" not in models
+    assert models["old"].task_prompts("salient", ["salient"], 3) == [1, 0, 0]
+    bad = perturbed_checkpoint(tmp_path / "bad.pt", "sum", "decoder", 1, {**flags, "nope": 1})
+    cfg = make_cfg(tmp_path, data, models={"bad": str(bad)})
+    with pytest.raises(ValueError, match=r"eval\.models\.bad: .*bad\.pt: meta\.method_config .*nope"):
+        ev_mod.load_eval_models(cfg)
 
 
 def test_task_prompts_rule():

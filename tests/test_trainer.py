@@ -485,6 +485,19 @@ def test_metrics_json_and_sum_checkpoint(world, embeddings, tmp_path):
     assert mcfg.img_size == 128
 
 
+def test_checkpoint_stores_the_method_as_trained(world, embeddings, tmp_path):
+    """An override of the method's flags (the Continuous-TP ablation, spec §9) is stored with the
+    checkpoint, and `checkpoint_method` reads it back."""
+    from sum.model.checkpoint import read_checkpoint
+
+    cfg = make_cfg(tmp_path, iterations=1, batch_size=2)
+    cfg.method = dataclasses.replace(cfg.method, continuous_task_prompt=True)
+    tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings)
+    meta = read_checkpoint(str(tmp_path / "models" / "sum.pt")).meta
+    assert meta["method"] == "sum" and meta["method_config"] == dataclasses.asdict(cfg.method)
+    assert tr.checkpoint_method(make_cfg(tmp_path), meta) == cfg.method
+
+
 def test_batches_are_deterministic_and_split_across_ranks():
     from sum.train.data import global_batch, rank_slots, split_batch
 

@@ -449,8 +449,9 @@ def load_eval_model(name: str, uri: str, cfg, s3=None):
 
     '' loads ``cfg.model`` (`load_model`, seeded as every stage so an uninitialised test model is
     the one the ``embed`` stage encoded with). Otherwise a SUM checkpoint builds the model its
-    stored config describes and its ``meta.method`` names the method; a plain SAM state dict is
-    loaded into ``cfg.model``'s architecture, without a method.
+    stored config describes, with the method it was trained with (`checkpoint_method`: its stored
+    ``meta.method_config``, or for older checkpoints the method ``meta.method`` names); a plain
+    SAM state dict is loaded into ``cfg.model``'s architecture, without a method.
 
     Raises:
       FileNotFoundError: naming ``eval.models.<name>`` when a local file is missing.
@@ -466,7 +467,7 @@ def load_eval_model(name: str, uri: str, cfg, s3=None):
         resolve_device,
     )
     from sum.model.fast import enable_fast_path
-    from sum.train.trainer import resolve_method
+    from sum.train.trainer import checkpoint_method
 
     if not uri:
         torch.manual_seed(0)
@@ -477,8 +478,7 @@ def load_eval_model(name: str, uri: str, cfg, s3=None):
         mcfg = config_from_dict(ckpt.model_config, ckpt.source) if ckpt.model_config is not None else cfg.model
         mcfg = dataclasses.replace(mcfg, checkpoint=None, checkpoint_sha256=None)
         model = apply_state_dict(build_sum_model(mcfg), ckpt.state_dict, ckpt.source)
-        method_name = ckpt.meta.get("method")
-        method = resolve_method(cfg, method_name) if method_name else None
+        method = checkpoint_method(cfg, ckpt.meta)
     except CheckpointError as e:
         raise ValueError(f"eval.models.{name}: {e}") from None
     except ValueError as e:  # unknown method name

@@ -61,7 +61,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -690,6 +690,29 @@ def resolve_method(cfg, method_name: Optional[str]):
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MethodConfig), OmegaConf.load(path)))
 
 
+def checkpoint_method(cfg, meta: Dict[str, Any]):
+    """The `MethodConfig` a SUM checkpoint was trained with: its ``meta.method_config`` (what
+    `finetune` stores, overrides included), else, for checkpoints written before it was stored,
+    ``resolve_method(cfg, meta.method)``; None when the meta names no method.
+
+    Raises:
+      ValueError: a stored method config with unknown keys or bad values, or an unknown method name.
+    """
+    stored = meta.get("method_config")
+    if stored is None:
+        name = meta.get("method")
+        return resolve_method(cfg, name) if name else None
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sum.config import MethodConfig
+
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MethodConfig), dict(stored)))
+    except (OmegaConfBaseException, TypeError, ValueError) as e:
+        raise ValueError(f"meta.method_config {stored!r}: {str(e).splitlines()[0]}") from None
+
+
 def build_pools(cfg, method) -> Dict[str, Pool]:
     """Labeled datasets (role ``labeled``, their task ids) and, when the method uses them, the
     pseudo labels of the unlabeled ones (role ``unlabeled``; u only when the method uses it)."""
@@ -920,7 +943,10 @@ def finetune(
         "unlabeled_epochs": step * n_unlabeled / max(sizes[UNLABELED], 1),
     }
     if info.rank == 0:
+        # the method's flags as trained (overrides included), so that evaluation prompts the model
+        # the way it was trained even when params/method/ or the evaluating config say otherwise
         save_sum_checkpoint(sam, cfg.model, paths.model, meta={"method": method.name, "steps": step,
+                                                                "method_config": dataclasses.asdict(method),
                                                                 "final_loss": result["final_loss"]})
         atomic_write_text(paths.metrics, json.dumps(result, indent=2) + "\n")
         tracker.log_metrics({"final_loss": result["final_loss"] or 0.0, "samples_per_s": result["samples_per_s"] or 0.0}, step)
