@@ -681,13 +681,23 @@ def resolve_method(cfg, method_name: Optional[str]):
         return methods[method_name]
     from omegaconf import OmegaConf
 
-    from sum.config import PARAMS_DIR, MethodConfig
+    from sum.config import PARAMS_DIR
 
     path = PARAMS_DIR / "method" / f"{method_name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (PARAMS_DIR / "method").glob("*.yaml"))
         raise ValueError(f"method {method_name!r}: no {path}; known methods: {known}")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MethodConfig), OmegaConf.load(path)))
+    return _method_config(OmegaConf.load(path))
+
+
+def _method_config(raw):
+    """A `MethodConfig` from a mapping (a params/method file or a checkpoint's stored flags),
+    checked against the schema: unknown keys and bad values raise OmegaConf's errors."""
+    from omegaconf import OmegaConf
+
+    from sum.config import MethodConfig
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MethodConfig), raw))
 
 
 def checkpoint_method(cfg, meta: Dict[str, Any]):
@@ -702,13 +712,10 @@ def checkpoint_method(cfg, meta: Dict[str, Any]):
     if stored is None:
         name = meta.get("method")
         return resolve_method(cfg, name) if name else None
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from sum.config import MethodConfig
-
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MethodConfig), dict(stored)))
+        return _method_config(dict(stored))
     except (OmegaConfBaseException, TypeError, ValueError) as e:
         raise ValueError(f"meta.method_config {stored!r}: {str(e).splitlines()[0]}") from None
 
