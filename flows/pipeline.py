@@ -82,17 +82,42 @@ def metrics_markdown(repo: str | os.PathLike) -> str:
     return "\n".join(lines)
 
 
+def mlflow_parent(repo: str):
+    """The MLflow parent run of this flow run (`sum.tracking.pipeline_parent`, resolved inside
+    ``repo`` as its stages resolve it), handed to the stage processes through ``MLFLOW_RUN_ID``;
+    None when tracking is off or an outer orchestrator already set one."""
+    import contextlib
+
+    from sum.config import load_params
+    from sum.tracking import pipeline_parent
+
+    params = Path(repo) / "params.yaml"
+    if not params.is_file():
+        return None
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    with contextlib.chdir(repo):
+        return pipeline_parent(load_params(params).tracking, root=".")
+
+
 @flow(name="sum-pipeline")
 def sum_pipeline(repo: str = ".", stages: list[str] | None = None) -> dict[str, str]:
-    """Run the DVC stages of ``repo`` (all, or ``stages``) as Prefect tasks, in pipeline order."""
+    """Run the DVC stages of ``repo`` (all, or ``stages``) as Prefect tasks, in pipeline order,
+    under one MLflow parent run."""
     repo = str(Path(repo).resolve())
     order = stage_order(repo)
     unknown = [s for s in (stages or []) if s not in order]
     if unknown:
         raise ValueError(f"stages {unknown}: not in {repo}/dvc.yaml ({order})")
+    parent, status = mlflow_parent(repo), "FAILED"
     results = {}
-    for stage in [s for s in order if not stages or s in stages]:
-        results[stage] = run_stage(stage, repo)
+    try:
+        for stage in [s for s in order if not stages or s in stages]:
+            results[stage] = run_stage(stage, repo)
+        status = "FINISHED"
+    finally:
+        if parent is not None:
+            parent.finish(status)
+            os.environ.pop("MLFLOW_RUN_ID", None)
     create_markdown_artifact(key="sum-metrics", markdown=metrics_markdown(repo), description="SUM pipeline metrics")
     return results
 

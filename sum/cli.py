@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 from sum.config import Config, ConfigError, compose, load_params
+from sum.tracking import pipeline_parent
 
 log = logging.getLogger("sum")
 
 
 def _config(args: argparse.Namespace) -> Config:
     params = Path(args.params)
-    if args.stage == "params" or args.overrides or not params.is_file():
-        return compose(args.overrides, config_dir=args.config_dir)
+    overrides = [] if args.stage == "pull" else args.overrides  # pull's positional is the model URI
+    if args.stage == "params" or overrides or not params.is_file():
+        return compose(overrides, config_dir=args.config_dir)
     return load_params(params)
 
 
@@ -44,9 +47,9 @@ def cmd_acquire(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_world(cfg: Config, args: argparse.Namespace) -> None:
-    from sum.data.synthetic import generate_world
+    from sum.data.synthetic import run_world
 
-    generate_world(cfg.data.world)
+    run_world(cfg)
 
 
 def cmd_realbench(cfg: Config, args: argparse.Namespace) -> None:
@@ -125,6 +128,20 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
     run_evaluate(cfg)
 
 
+def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
+    from sum.registry.register import register
+
+    register(cfg)
+
+
+def cmd_pull(cfg: Config, args: argparse.Namespace) -> None:
+    from sum.registry.pull import pull
+
+    if len(args.overrides) != 1 or not args.out:
+        raise SystemExit("sum pull: usage: sum pull models:/<name>@<alias> --out FILE [--format sum|sam]")
+    pull(args.overrides[0], args.out, args.format, tracking=cfg.tracking.uri)
+
+
 def cmd_export_sam(cfg: Config, args: argparse.Namespace) -> None:
     from sum.io import S3Options
     from sum.model.checkpoint import export_sam
@@ -151,6 +168,8 @@ STAGES: dict[str, Callable[[Config, argparse.Namespace], None]] = {
     "finetune": cmd_finetune,
     "demo": cmd_demo,
     "evaluate": cmd_evaluate,
+    "register": cmd_register,
+    "pull": cmd_pull,
     "export-sam": cmd_export_sam,
 }
 
@@ -158,17 +177,25 @@ STAGES: dict[str, Callable[[Config, argparse.Namespace], None]] = {
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sum", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=sorted(STAGES), help="what to run")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=vit_b train.lr=1e-4")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=vit_b train.lr=1e-4 (pull: the models:/ URI)")
     p.add_argument("--params", default="params.yaml", help="composed params file (default: params.yaml)")
     p.add_argument("--config-dir", default=None, help="Hydra config dir (default: the repo's params/)")
     p.add_argument("--src", help="export-sam: SUM checkpoint (path, s3:// or https://)")
     p.add_argument("--sha256", help="export-sam: expected sha256 of --src")
-    p.add_argument("--out", help="export-sam: output SAM state dict; validate: report path; oracle-pool: shard folder (default data/pseudo_oracle)")
+    p.add_argument("--out", help="export-sam: output SAM state dict; validate: report path; oracle-pool: shard folder "
+                   "(default data/pseudo_oracle); pull: the checkpoint file to write")
+    p.add_argument("--format", default="sum", help="pull: sum (SUM checkpoint) | sam (plain SAM state dict)")
     p.add_argument("--oracle", default="gt", help="oracle-pool: what the pool holds, gt | matched | add-parts (sum.pseudo.oracle; default gt)")
     p.add_argument("--min-area", type=float, default=0.0, help="oracle-pool --oracle add-parts: smallest added part, as a fraction of the image")
     p.add_argument("--method", help="finetune: the method to train (params/method/<name>.yaml; default: the config's)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+# stages that compute something: each logs an MLflow child run under the pipeline's parent run
+TRACKED_STAGES = frozenset(
+    {"world", "pseudolabel", "refine", "uncertainty", "uncertainty-report", "finetune", "evaluate", "register"}
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,15 +204,28 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # no MLflow usage reports from pipeline stages (they run offline, and the reporting thread
+    # must not cross the world stage's fork); MLFLOW_DISABLE_TELEMETRY=false opts back in
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    parent, status = None, "FAILED"
     try:
         cfg = _config(args)
+        if args.stage in TRACKED_STAGES:
+            parent = pipeline_parent(cfg.tracking, extra=args.overrides)
         STAGES[args.stage](cfg, args)
+        status = "FINISHED"
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         # one clear line, naming the file or key, is what the user needs; tracebacks with -v
         if args.verbose:
             raise
         print(f"sum {args.stage}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if parent is not None:
+            parent.finish(status)
     return 0
 
 

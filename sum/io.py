@@ -50,12 +50,20 @@ class S3Options:
         return f"S3Options(endpoint_url={self.endpoint_url!r}, region={self.region!r})"
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
+def _file_digest(path: str | os.PathLike, h) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    return _file_digest(path, hashlib.sha256())
+
+
+def md5_file(path: str | os.PathLike) -> str:
+    """The md5 of a file's bytes: what ``dvc.lock`` records for it."""
+    return _file_digest(path, hashlib.md5())
 
 
 def _umask() -> int:

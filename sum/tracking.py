@@ -10,6 +10,14 @@ Conventions (MLflow 3's own):
 - **Parent runs.** An orchestrator (Prefect flow, a sweep) hands its run to stage processes through
   ``MLFLOW_RUN_ID``; a stage then starts a *child* run tagged ``mlflow.parentRunId`` in the
   parent's experiment, rather than writing into the parent (`start_run`).
+- **One parent per pipeline run.** A plain ``dvc repro`` has no orchestrator, so the CLI asks
+  `pipeline_parent` for one: the run recorded in ``runs/pipeline_run.json`` under a key of the
+  pipeline's inputs (git commit, params, the library's sources, CLI overrides), created when the
+  key is new. Every stage of one ``dvc repro`` shares it; a changed input starts a new parent; a
+  no-op ``dvc repro`` runs no stage and so creates nothing.
+- **Stage runs.** Stages without a training loop log through `stage_run`: their config section
+  as params, their metrics JSON as metrics, their pictures and tables as artifacts.
+- **Lineage.** Every run carries the git commit (``mlflow.source.git.commit``).
 - **Resume.** A resumed training passes the run id it stored in its checkpoint: the same run goes
   on (status back to RUNNING) and metrics continue at their step numbers. Params already logged are
   not logged again (MLflow refuses to change a param); a param whose value changed since (e.g.
@@ -21,16 +29,31 @@ so that no global active-run state leaks between runs of one process (tests, not
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+import subprocess
+import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARENT_RUN_TAG = "mlflow.parentRunId"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+PIPELINE_KEY_TAG = "sum.pipeline_key"
+MODEL_MD5_TAG = "sum.model_md5"  # on a finetune run: md5 of the checkpoint it wrote (DVC's hash)
+EVAL_MD5_TAG = "sum.eval_md5"  # on an evaluate run: md5 of the metrics JSON it wrote
+PIPELINE_RUN_FILE = "runs/pipeline_run.json"
+_PIPELINE_FORMAT = "sum-pipeline-runs/1"
+_PIPELINE_KEEP = 16  # keys remembered in the pipeline run file
+# what a pipeline run's key hashes, relative to the repository root (outputs never: they change
+# while the pipeline runs)
+_PIPELINE_INPUTS = ("params.yaml", "dvc.yaml", "sum/**/*.py", "flows/**/*.py", "params/**/*.yaml")
 _MAX_PARAM_CHARS = 6000  # MLflow 3's limit on a param value
 _BATCH = 100  # params per log_batch call (MLflow's limit is 100)
 
@@ -73,6 +96,9 @@ class NullTracker:
         pass
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: Optional[str] = None) -> None:
+        pass
+
+    def log_json_metrics(self, path: str | os.PathLike, prefix: str = "", step: int = 0) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -132,6 +158,10 @@ class RunTracker(NullTracker):
         """Upload a file (e.g. the final SUM checkpoint) to the run's artifact store."""
         self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
 
+    def log_json_metrics(self, path: str | os.PathLike, prefix: str = "", step: int = 0) -> None:
+        """Log every number of a metrics JSON (``{"a": {"b": 1}}`` -> ``prefix/a/b``) at ``step``."""
+        self.log_metrics(json_metrics(json.loads(Path(path).read_text()), prefix), step)
+
     def finish(self, status: str = "FINISHED") -> None:
         """Stop the system-metrics monitor and close the run (FINISHED, FAILED or KILLED)."""
         if self._monitor is not None:
@@ -141,6 +171,38 @@ class RunTracker(NullTracker):
                 log.warning("system metrics monitor: %s", e)
             self._monitor = None
         self.client.set_terminated(self.run_id, status=status)
+
+
+_METRIC_BAD = set("@:,;()[]{}<>")
+
+
+def json_metrics(obj: Any, prefix: str = "") -> Dict[str, float]:
+    """The numbers of a metrics document as flat MLflow metric names (``a/b/c``); booleans, strings
+    and nulls are left out, and characters MLflow refuses in a name become ``_``."""
+    out: Dict[str, float] = {}
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            out.update(json_metrics(v, f"{prefix}/{k}" if prefix else str(k)))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(json_metrics(v, f"{prefix}/{i}" if prefix else str(i)))
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool) and obj == obj:
+        out["".join("_" if c in _METRIC_BAD else c for c in prefix)] = float(obj)
+    return out
+
+
+def git_commit(root: str | os.PathLike = ".") -> Optional[str]:
+    """The commit checked out at ``root`` (``+dirty`` when tracked files differ), or None outside
+    git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _start_system_metrics(run_id: str, uri: str, sampling_interval: float):
@@ -208,6 +270,9 @@ def start_run(
             log.warning("MLflow run %s not found at %s; starting a new run", resume_run_id, uri)
     parent_run_id = parent_run_id or os.environ.get("MLFLOW_RUN_ID") or None
     all_tags = dict(tags or {})
+    commit = git_commit()
+    if commit:
+        all_tags.setdefault(GIT_COMMIT_TAG, commit)
     experiment_id = None
     if parent_run_id:
         try:
@@ -226,3 +291,120 @@ def start_run(
     run = client.create_run(experiment_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name)
     log.info("MLflow run %s (experiment %s) at %s", run.info.run_id, experiment, uri)
     return RunTracker(client, run.info.run_id, uri, system_metrics, sampling_interval)
+
+
+@contextlib.contextmanager
+def stage_run(
+    tc,
+    stage: str,
+    params: Optional[Mapping[str, Any]] = None,
+    tags: Optional[Mapping[str, Any]] = None,
+    system_metrics: bool = True,
+) -> Iterator[NullTracker]:
+    """A child run for one pipeline stage (module docstring), closed FINISHED, FAILED or KILLED
+    as the body ends; a `NullTracker` when ``tc.enabled`` is off.
+
+    Arguments:
+      tc: the ``tracking`` config section (``enabled``, ``uri``, ``experiment``, ``system_metrics``).
+      stage: the stage name (run name and tag ``stage``).
+      params: the stage's config section, flattened with `flatten` before logging.
+      tags: extra run tags.
+      system_metrics: sample CPU/memory in a thread when ``tc.system_metrics`` allows (False for a
+        stage that forks workers: a thread's locks must not cross a fork).
+    """
+    if not tc.enabled:
+        yield NullTracker()
+        return
+    tracker = start_run(experiment=tc.experiment, run_name=stage, uri=tc.uri, tags={"stage": stage, **(tags or {})},
+                        system_metrics=tc.system_metrics and system_metrics)
+    status = "FAILED"
+    try:
+        if params:
+            tracker.log_params(flatten(params))
+        yield tracker
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.finish(status)
+
+
+def pipeline_key(root: str | os.PathLike = ".", extra: Sequence[str] = ()) -> str:
+    """A sha256 over what decides a pipeline run's results: the git commit and the bytes of
+    ``params.yaml``, ``dvc.yaml`` and the library's sources and configs, plus ``extra`` (the CLI's
+    overrides). Stage outputs are not in it, so it stays the same while the stages run."""
+    root = Path(root)
+    h = hashlib.sha256(f"{git_commit(root)}|{list(extra)}|".encode())
+    for pattern in _PIPELINE_INPUTS:
+        for path in sorted(root.glob(pattern)):
+            if path.is_file() and "__pycache__" not in path.parts:
+                h.update(f"{path.relative_to(root).as_posix()}|".encode())
+                h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+@dataclasses.dataclass
+class PipelineParent:
+    """The parent run a stage process was given by `pipeline_parent`; `finish` records the
+    stage's outcome on it (RUNNING while a stage runs, then FINISHED or FAILED)."""
+
+    client: Any
+    run_id: str
+
+    def finish(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def pipeline_parent(
+    tc,
+    root: str | os.PathLike = ".",
+    extra: Sequence[str] = (),
+    path: str | os.PathLike = PIPELINE_RUN_FILE,
+) -> Optional[PipelineParent]:
+    """Give this stage process the parent run of its pipeline run through ``MLFLOW_RUN_ID``.
+
+    Nothing to do (None) when tracking is off or ``MLFLOW_RUN_ID`` is already set (an
+    orchestrator's parent). Otherwise the run ``path`` records under `pipeline_key` is reused while
+    the store still has it, else a new run named ``pipeline`` is created and recorded (written
+    atomically; a few recent keys are kept, so switching back and forth reuses them).
+    """
+    if not tc.enabled or os.environ.get("MLFLOW_RUN_ID"):
+        return None
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from sum.io import atomic_write_text
+
+    uri = tracking_uri(tc.uri)
+    client = MlflowClient(tracking_uri=uri)
+    key = pipeline_key(root, extra)
+    path = Path(root) / path
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        record = {}
+    runs = record.get("runs", {}) if record.get("format") == _PIPELINE_FORMAT else {}
+    known = runs.get(key)
+    run_id = None
+    if known and known.get("uri") == uri:
+        try:
+            run_id = client.get_run(known["run_id"]).info.run_id
+            client.update_run(run_id, status="RUNNING")
+        except MlflowException:
+            run_id = None
+    if run_id is None:
+        exp = client.get_experiment_by_name(tc.experiment)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(tc.experiment)
+        tags = {PIPELINE_KEY_TAG: key, "stage": "pipeline"}
+        commit = git_commit(root)
+        if commit:
+            tags[GIT_COMMIT_TAG] = commit
+        run_id = client.create_run(exp_id, run_name="pipeline", tags=tags).info.run_id
+        log.info("MLflow pipeline run %s (new inputs %s...)", run_id, key[:12])
+    runs.pop(key, None)
+    runs[key] = {"run_id": run_id, "uri": uri, "used": time.time()}
+    keep = dict(list(runs.items())[-_PIPELINE_KEEP:])
+    atomic_write_text(path, json.dumps({"format": _PIPELINE_FORMAT, "runs": keep}, indent=2) + "\n")
+    os.environ["MLFLOW_RUN_ID"] = run_id
+    return PipelineParent(client, run_id)

@@ -19,6 +19,20 @@ REPO = Path(__file__).resolve().parent.parent
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_default_store(tmp_path_factory):
+    """Runs that a test starts without naming a store go to a throwaway sqlite store (with its
+    artifacts beside it), never to the checkout's ``mlflow.db``; no parent run leaks in from the
+    developer's shell."""
+    root = tmp_path_factory.mktemp("mlflow-default")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    mp.delenv("MLFLOW_RUN_ID", raising=False)
+    yield root
+    mp.undo()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

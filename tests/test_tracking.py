@@ -4,6 +4,7 @@ checkpoint artifact; resume into the same run; parent runs via MLFLOW_RUN_ID; ra
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import pytest
@@ -121,3 +122,101 @@ def test_tracking_uri_and_flatten(monkeypatch):
 
     assert tracking.flatten(Outer()) == {"train.lr": "1e-05", "train.betas": "(0.9, 0.999)", "datasets.hq.role": "labeled"}
     assert len(tracking.flatten({"x": "y" * 7000})["x"]) == 6000
+
+
+def test_stage_run_logs_section_metrics_and_status(store, tmp_path, monkeypatch):
+    from sum.config import TrackingConfig
+
+    root, uri = store
+    monkeypatch.chdir(root)
+    tc = TrackingConfig(uri=uri, experiment="sum-stage-test", system_metrics=False)
+    (tmp_path / "m.json").write_text('{"images": 3, "per": {"pool": {"miou": 0.5, "name": "x", "ok": true}}, "list": [1, 2]}')
+    with tracking.stage_run(tc, "pseudolabel", params={"pseudo": {"points_per_side": 16}}) as t:
+        t.log_json_metrics(tmp_path / "m.json")
+        t.log_artifact(tmp_path / "m.json", artifact_path="metrics")
+        ok = t.run_id
+    with pytest.raises(RuntimeError):
+        with tracking.stage_run(tc, "refine") as t:
+            failed = t.run_id
+            raise RuntimeError("boom")
+    client = client_of(uri)
+    run = client.get_run(ok)
+    assert run.info.status == "FINISHED" and run.info.run_name == "pseudolabel" and run.data.tags["stage"] == "pseudolabel"
+    assert run.data.params == {"pseudo.points_per_side": "16"}
+    assert run.data.metrics == {"images": 3.0, "per/pool/miou": 0.5, "list/0": 1.0, "list/1": 2.0}
+    assert [a.path for a in client.list_artifacts(ok, "metrics")] == ["metrics/m.json"]
+    assert tracking.GIT_COMMIT_TAG not in run.data.tags  # this folder is no git checkout
+    assert client.get_run(failed).info.status == "FAILED"
+    with tracking.stage_run(TrackingConfig(enabled=False), "x") as t:
+        assert isinstance(t, tracking.NullTracker)
+
+
+def fake_repo(root):
+    (root / "sum").mkdir(parents=True, exist_ok=True)
+    (root / "sum" / "a.py").write_text("x = 1\n")
+    (root / "params.yaml").write_text("train:\n  lr: 1e-5\n")
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    return root
+
+
+def test_one_parent_run_per_pipeline_run(store, tmp_path, monkeypatch):
+    """Stages of one `dvc repro` share the parent recorded under the inputs' key; changed inputs
+    (params, a source file, CLI overrides) get a new parent; the old key's parent comes back."""
+    from sum.config import TrackingConfig
+
+    root, uri = store
+    repo = fake_repo(tmp_path / "repo")
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    tc = TrackingConfig(uri=uri, experiment="sum-pipeline-test", system_metrics=False)
+
+    def stage():
+        parent = tracking.pipeline_parent(tc, root=repo)
+        run_id = os.environ.pop("MLFLOW_RUN_ID")
+        assert parent.run_id == run_id
+        child = tracking.start_run(experiment="ignored", uri=uri, parent_run_id=run_id, system_metrics=False)
+        child.finish()
+        parent.finish("FINISHED")
+        return run_id, child.run_id
+
+    first, child1 = stage()
+    again, child2 = stage()
+    assert again == first and child1 != child2
+    client = client_of(uri)
+    assert client.get_run(child2).data.tags[tracking.PARENT_RUN_TAG] == first
+    assert client.get_run(first).info.status == "FINISHED" and client.get_run(first).info.run_name == "pipeline"
+
+    (repo / "params.yaml").write_text("train:\n  lr: 1e-4\n")
+    changed, _ = stage()
+    assert changed != first
+    (repo / "sum" / "a.py").write_text("x = 2\n")
+    assert stage()[0] not in (first, changed)
+    (repo / "params.yaml").write_text("train:\n  lr: 1e-5\n")
+    (repo / "sum" / "a.py").write_text("x = 1\n")
+    assert stage()[0] == first  # back to the first inputs: their parent again
+    assert tracking.pipeline_key(repo, ["train.lr=1"]) != tracking.pipeline_key(repo)
+
+    # an orchestrator's parent wins; tracking off gives none
+    monkeypatch.setenv("MLFLOW_RUN_ID", "from-prefect")
+    assert tracking.pipeline_parent(tc, root=repo) is None
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    assert tracking.pipeline_parent(TrackingConfig(enabled=False), root=repo) is None
+
+
+def test_git_commit(tmp_path):
+    import re
+    import subprocess
+
+    from conftest import REPO
+
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", tracking.git_commit(REPO))
+    assert tracking.git_commit(tmp_path) is None
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "f").write_text("1")
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "-C", str(tmp_path), "add", "f"], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "commit", "-qm", "x"], check=True, env={**os.environ, **env})
+    clean = tracking.git_commit(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{40}", clean)
+    (tmp_path / "f").write_text("2")
+    assert tracking.git_commit(tmp_path) == clean + "+dirty"

@@ -206,6 +206,20 @@ def generate_world(cfg: WorldConfig, workers: int = 2, sheet_path: Optional[Unio
     return paths
 
 
+def run_world(cfg) -> Dict[str, Path]:
+    """The ``world`` stage: `generate_world` of ``cfg.data.world``, logged as an MLflow child run
+    (the world's config as params, the contact sheet as an artifact)."""
+    from sum.tracking import stage_run
+
+    # no system-metrics thread: the render workers are forked
+    with stage_run(cfg.tracking, "world", params={"data.world": cfg.data.world}, system_metrics=False) as tracker:
+        paths = generate_world(cfg.data.world)
+        sheet = sheet_path_for(cfg.data.world.out_dir)
+        if paths and Path(sheet).is_file():
+            tracker.log_artifact(sheet, artifact_path="world")
+    return paths
+
+
 # ---------------------------------------------------------------------------------------------
 # contact sheet
 

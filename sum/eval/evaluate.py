@@ -751,9 +751,9 @@ def run_evaluate(cfg) -> Dict:
 def _run_evaluate(cfg, names: List[str]) -> Dict:
     from sum.data.dataset import build_dataset
     from sum.eval import report
-    from sum.io import S3Options
+    from sum.io import S3Options, md5_file
     from sum.model.checkpoint import resolve_device
-    from sum.tracking import NullTracker, flatten, start_run
+    from sum.tracking import EVAL_MD5_TAG, NullTracker, flatten, start_run
 
     ev = cfg.eval
     t_start = time.perf_counter()
@@ -823,6 +823,7 @@ def _run_evaluate(cfg, names: List[str]) -> Dict:
         log.info("evaluate: table %s, curves %s/, panels %s/, metrics %s",
                  paths["table"], ev.plots_dir, Path(ev.out_dir) / "panels", ev.metrics)
 
+        tracker.set_tags({EVAL_MD5_TAG: md5_file(paths["metrics"])})  # how `sum register` finds this run
         tracker.log_metrics(report.mlflow_metrics(metrics), step=0)
         for step, values in report.mlflow_curves(summary).items():
             tracker.log_metrics(values, step=step)

@@ -363,11 +363,16 @@ def pseudolabel(cfg) -> Dict[str, Any]:
     """
     import torch
 
+    from sum.tracking import stage_run
+
     threads = torch.get_num_threads()
-    try:
-        return _pseudolabel(cfg)
-    finally:
-        torch.set_num_threads(threads)  # in-process runs and the driver's model set their own
+    with stage_run(cfg.tracking, "pseudolabel", params={"pseudo": cfg.pseudo}) as tracker:
+        try:
+            metrics = _pseudolabel(cfg)
+        finally:
+            torch.set_num_threads(threads)  # in-process runs and the driver's model set their own
+        tracker.log_json_metrics(cfg.pseudo.metrics)
+    return metrics
 
 
 def _pseudolabel(cfg) -> Dict[str, Any]:

@@ -803,7 +803,8 @@ def finetune(
     """
     from sum.io import S3Options
     from sum.model.checkpoint import build_model, save_sum_checkpoint
-    from sum.tracking import NullTracker, flatten, start_run
+    from sum.io import md5_file
+    from sum.tracking import MODEL_MD5_TAG, NullTracker, flatten, start_run
 
     method = resolve_method(cfg, method_name)
     t = cfg.train
@@ -959,6 +960,7 @@ def finetune(
         tracker.log_metrics({"final_loss": result["final_loss"] or 0.0, "samples_per_s": result["samples_per_s"] or 0.0}, step)
         tracker.log_artifact(paths.model, artifact_path="model")
         tracker.log_artifact(paths.metrics, artifact_path="metrics")
+        tracker.set_tags({MODEL_MD5_TAG: md5_file(paths.model)})  # how `sum register` finds this run
     tracker.finish("FINISHED")
     _teardown(info)
     return result

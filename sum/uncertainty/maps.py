@@ -457,6 +457,7 @@ def run_uncertainty(cfg) -> Dict[str, dict]:
     from sum.data.dataset import build_dataset
     from sum.io import S3Options
     from sum.model.checkpoint import load_model
+    from sum.tracking import json_metrics, stage_run
     from sum.uncertainty.refine import load_refiner
 
     ucfg = cfg.uncertainty
@@ -469,4 +470,7 @@ def run_uncertainty(cfg) -> Dict[str, dict]:
     refiner, _ = load_refiner(cfg.refine.out, device=model.device)
     datasets = {n: build_dataset(cfg.data.datasets[n], n) for n in names}
     embed_dir = getattr(getattr(cfg, "embed", None), "out_dir", None)
-    return compute_uncertainty(refiner, model, datasets, pseudo_dir, ucfg, embed_dir)
+    with stage_run(cfg.tracking, "uncertainty", params={"uncertainty": ucfg}) as tracker:
+        stats = compute_uncertainty(refiner, model, datasets, pseudo_dir, ucfg, embed_dir)
+        tracker.log_metrics(json_metrics(stats), step=0)
+    return stats

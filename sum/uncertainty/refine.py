@@ -688,6 +688,7 @@ def run_refine(cfg) -> dict:
     from sum.data.dataset import build_dataset
     from sum.io import S3Options
     from sum.model.checkpoint import load_model
+    from sum.tracking import json_metrics, stage_run
 
     rcfg = cfg.refine
     if rcfg.dataset not in cfg.data.datasets:
@@ -705,6 +706,8 @@ def run_refine(cfg) -> dict:
 
         cache = EmbeddingCache(embed_dir, fingerprint=encoder_fingerprint(model))
         embedding_of = lambda image_id: cache.load(rcfg.dataset, image_id)  # noqa: E731
-    refiner, metrics = fit_refiner(model, dataset, rcfg, embedding_of)
-    save_refiner(refiner, rcfg.out, cfg.model, rcfg, metrics)
+    with stage_run(cfg.tracking, "refine", params={"refine": rcfg}) as tracker:
+        refiner, metrics = fit_refiner(model, dataset, rcfg, embedding_of)
+        save_refiner(refiner, rcfg.out, cfg.model, rcfg, metrics)
+        tracker.log_metrics(json_metrics(metrics), step=0)
     return metrics

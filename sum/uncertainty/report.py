@@ -498,6 +498,7 @@ def uncertainty_report(
 def run_uncertainty_report(cfg) -> dict:
     """The ``uncertainty-report`` stage: `uncertainty_report` over the datasets with uncertainty
     shards, with the refiner checkpoint's validation metrics."""
+    from sum.tracking import stage_run
     from sum.uncertainty.maps import pseudo_datasets
     from sum.uncertainty.refine import load_refiner
 
@@ -508,4 +509,10 @@ def run_uncertainty_report(cfg) -> dict:
         raise ValueError(f"uncertainty.datasets: unknown dataset(s) {unknown}; known: {sorted(cfg.data.datasets)}")
     _, meta = load_refiner(cfg.refine.out)
     datasets = {n: cfg.data.datasets[n].images for n in names}
-    return uncertainty_report(cfg.pseudo.out_dir, ucfg.out_dir, datasets, ucfg, meta)
+    with stage_run(cfg.tracking, "uncertainty-report", params={"uncertainty": ucfg}) as tracker:
+        report = uncertainty_report(cfg.pseudo.out_dir, ucfg.out_dir, datasets, ucfg, meta)
+        tracker.log_json_metrics(ucfg.metrics)
+        for path in (ucfg.metrics, ucfg.panel):
+            if Path(path).is_file():
+                tracker.log_artifact(path, artifact_path="uncertainty")
+    return report
