@@ -383,6 +383,23 @@ class EvalConfig:
 
 
 @dataclass
+class RegistryConfig:
+    """The ``register`` stage (`sum.registry.register`): which fine-tuned methods go to the MLflow
+    model registry, and the no-forgetting gate that gives the ``champion`` alias
+    (`sum.registry.gate`)."""
+
+    methods: List[str] = field(default_factory=lambda: ["sum"])  # <train.model_dir>/<method>.pt each
+    model_name: str = ""  # registered model; "" = sum-<model.name> (one per foundation backbone)
+    protocol: str = "point"  # the evaluation protocol the gate reads
+    metric: str = "miou"  # miou | mbiou
+    headline_rounds: List[int] = field(default_factory=lambda: [1, 3])  # headline: mean over tasks of these rounds
+    gate_rounds: List[int] = field(default_factory=list)  # forgetting checked after these rounds; empty = all reported
+    tolerance: float = 1.0  # points below the foundation model a task may lose
+    out: str = "metrics/register.json"
+    embedding_cache_size: int = 4  # images whose embeddings the served model keeps
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -395,6 +412,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 
 def register_configs() -> None:

@@ -36,13 +36,19 @@ def dvc_exp_overrides(text: str) -> list[list[str]]:
 def test_extractors_find_the_readme_commands():
     text = README.read_text()
     stages = [args[0] for args in sum_commands(text)]
-    assert "evaluate" in stages and "export-sam" in stages, stages
+    assert "evaluate" in stages and "export-sam" in stages and "pull" in stages, stages
     assert ["train.lr=1e-5", "train.task_prompt_lr_scale=500"] in dvc_exp_overrides(text)
 
 
 @pytest.mark.parametrize("args", sum_commands(README.read_text()), ids=lambda a: " ".join(a)[:60])
 def test_readme_sum_command_parses_and_composes(args):
     ns = build_parser().parse_intermixed_args(args)  # as `sum.cli.main` parses
+    if ns.stage == "pull":  # its positional is a model URI, not an override
+        from sum.registry.pull import FORMATS, parse_models_uri
+
+        assert len(ns.overrides) == 1 and ns.out and ns.format in FORMATS
+        parse_models_uri(ns.overrides[0])
+        return
     compose(ns.overrides)
 
 

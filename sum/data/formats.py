@@ -90,6 +90,21 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
+def _pil_array(source) -> np.ndarray:
+    """Pixels of a PIL-readable image (a path or a file object): 16-bit and float modes as they
+    are, everything else as RGB."""
+    with Image.open(source) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            arr = np.asarray(im)
+            if arr.dtype.byteorder not in ("=", "|"):
+                arr = arr.astype(arr.dtype.newbyteorder("="))
+            return arr
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        return np.asarray(im.convert("RGB"))
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode an image file to (H, W, 3) uint8 RGB (see `to_rgb_uint8` for the conversions).
 
@@ -107,21 +122,29 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
             arr = tifffile.imread(path, key=0)
         else:
-            with Image.open(path) as im:
-                im.load()
-                if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                    arr = np.asarray(im)
-                    if arr.dtype.byteorder not in ("=", "|"):
-                        arr = arr.astype(arr.dtype.newbyteorder("="))
-                else:
-                    if im.mode == "P" and "transparency" in im.info:
-                        im = im.convert("RGBA")
-                    arr = np.asarray(im.convert("RGB"))
-    except ImageReadError:
-        raise
+            arr = _pil_array(path)
     except Exception as e:  # noqa: BLE001 (PIL and tifffile raise many types)
         raise ImageReadError(f"{path}: cannot decode image ({_one_line(e)})") from None
     return to_rgb_uint8(arr, path)
+
+
+def decode_image(data: bytes, name: str = "<bytes>", formats: Sequence[str] = ("PNG", "JPEG")) -> np.ndarray:
+    """Decode encoded image bytes (PNG or JPEG by default) to (H, W, 3) uint8 RGB, as `read_image`.
+
+    Raises:
+        ImageReadError: one line naming ``name`` when the bytes are not an image of ``formats``.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            kind = im.format
+        if kind not in formats:
+            raise ImageReadError(f"{name}: a {kind} image, expected {' or '.join(formats)}")
+        arr = _pil_array(io.BytesIO(data))
+    except ImageReadError:
+        raise
+    except Exception as e:  # noqa: BLE001 (PIL raises many types)
+        raise ImageReadError(f"{name}: cannot decode image ({_one_line(e)})") from None
+    return to_rgb_uint8(arr, name)
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
