@@ -400,6 +400,18 @@ class RegistryConfig:
 
 
 @dataclass
+class FlowConfig:
+    """The Prefect flow over the DVC stages (``flows/pipeline.py``): how long a stage may run and
+    which steps retry. Read by the flow, never by a stage, so no DVC stage depends on it."""
+
+    timeout_s: Dict[str, int] = field(default_factory=dict)  # stage (or foreach group) -> seconds
+    default_timeout_s: int = 7200  # stages not named in timeout_s
+    retry_stages: List[str] = field(default_factory=lambda: ["acquire"])  # flaky I/O: downloads
+    retries: int = 3  # for retry_stages and dvc push / pull
+    retry_delay_s: float = 10.0  # first back-off; doubles on each retry
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -413,6 +425,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
 
 
 def register_configs() -> None:

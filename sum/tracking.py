@@ -17,7 +17,9 @@ Conventions (MLflow 3's own):
   no-op ``dvc repro`` runs no stage and so creates nothing.
 - **Stage runs.** Stages without a training loop log through `stage_run`: their config section
   as params, their metrics JSON as metrics, their pictures and tables as artifacts.
-- **Lineage.** Every run carries the git commit (``mlflow.source.git.commit``).
+- **Lineage.** Every run carries the git commit (``mlflow.source.git.commit``) and, under the
+  Prefect flow, the flow run's id (``prefect.flow_run_id``); the flow adds the ``dvc.lock`` md5s
+  of each stage's inputs once DVC has written them.
 - **Resume.** A resumed training passes the run id it stored in its checkpoint: the same run goes
   on (status back to RUNNING) and metrics continue at their step numbers. Params already logged are
   not logged again (MLflow refuses to change a param); a param whose value changed since (e.g.
@@ -46,6 +48,8 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 PIPELINE_KEY_TAG = "sum.pipeline_key"
+FLOW_RUN_ENV = "SUM_PREFECT_FLOW_RUN_ID"  # set by the Prefect flow for its stage processes
+FLOW_RUN_TAG = "prefect.flow_run_id"
 MODEL_MD5_TAG = "sum.model_md5"  # on a finetune run: md5 of the checkpoint it wrote (DVC's hash)
 EVAL_MD5_TAG = "sum.eval_md5"  # on an evaluate run: md5 of the metrics JSON it wrote
 PIPELINE_RUN_FILE = "runs/pipeline_run.json"
@@ -273,6 +277,8 @@ def start_run(
     commit = git_commit()
     if commit:
         all_tags.setdefault(GIT_COMMIT_TAG, commit)
+    if os.environ.get(FLOW_RUN_ENV):
+        all_tags.setdefault(FLOW_RUN_TAG, os.environ[FLOW_RUN_ENV])
     experiment_id = None
     if parent_run_id:
         try:
