@@ -8,9 +8,10 @@ A flow run:
 - composes ``params.yaml`` from ``params/`` with its ``overrides`` (what ``dvc exp run -S`` does
   with Hydra) and, when there are overrides, saves the result as a DVC experiment
   (``dvc exp save``); without overrides it is ``dvc repro`` of the committed composition;
-- starts (or reuses, for unchanged inputs) the MLflow parent run and hands it to every stage
-  through ``MLFLOW_RUN_ID``, with its own flow-run id in ``SUM_PREFECT_FLOW_RUN_ID``; after each
-  stage it tags the stage's MLflow runs with the ``dvc.lock`` md5s of the stage's inputs;
+- hands its flow-run id to the stages (``SUM_PREFECT_FLOW_RUN_ID``): the first stage that runs
+  starts (or, for unchanged inputs, reuses) the MLflow parent run and tags it and every child
+  with it, so a run that runs nothing creates no MLflow run; after each stage the flow tags the
+  stage's MLflow runs with the ``dvc.lock`` md5s of the stage's inputs;
 - streams each stage's output into the Prefect logs line by line while it runs, stops a stage at
   its timeout (``flow.timeout_s``), retries the flaky ones with back-off (``flow.retry_stages``,
   ``dvc push``/``pull``);
@@ -63,8 +64,16 @@ class StageFailed(RuntimeError):
 
     def __init__(self, stage: str, reason: str, tail: Iterable[str]):
         self.stage, self.reason, self.tail = stage, reason, list(tail)
-        last = next((line for line in reversed(self.tail) if line.strip()), "(no output)")
-        super().__init__(f"stage {stage} failed: {reason}: {last}")
+        super().__init__(f"stage {stage} failed: {reason}: {self.error_line}")
+
+    @property
+    def error_line(self) -> str:
+        """The line that says what went wrong: the stage's own error line (``sum <stage>: error:``,
+        one line by the CLI's contract) rather than DVC's summary after it."""
+        lines = [line for line in self.tail if line.strip()]
+        own = [line for line in lines if ": error:" in line or "Error" in line.split(":")[0]]
+        return (own or [line for line in lines if not line.startswith("ERROR: failed to reproduce")] or lines
+                or ["(no output)"])[-1]
 
 
 def dvc_executable() -> str:
@@ -254,22 +263,19 @@ def repo_slot(repo: str):
         yield
 
 
-def mlflow_parent(repo: str, flow_run_id: Optional[str]):
-    """The MLflow parent run of this flow run (`sum.tracking.pipeline_parent`, resolved inside
-    ``repo`` as its stages resolve it) with the flow run's id as a tag, handed to the stage
-    processes through ``MLFLOW_RUN_ID``; None when tracking is off or an outer orchestrator set one."""
+def recorded_parent(repo: str):
+    """The MLflow parent run of the repository's current inputs, if a stage has run on them
+    (`sum.tracking.recorded_parent`, resolved inside ``repo`` as its stages resolve it). The flow
+    creates none itself: the first stage that runs does (through the CLI), tagged with this flow
+    run's id, so a run that runs nothing leaves no trace in MLflow."""
     from sum.config import load_params
-    from sum.tracking import pipeline_parent
+    from sum.tracking import recorded_parent as lookup
 
     params = Path(repo) / "params.yaml"
     if not params.is_file():
         return None
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     with contextlib.chdir(repo):
-        parent = pipeline_parent(load_params(params).tracking, root=".")
-    if parent is not None and flow_run_id:
-        parent.client.set_tag(parent.run_id, "prefect.flow_run_id", flow_run_id)
-    return parent
+        return lookup(load_params(params).tracking, root=".")
 
 
 def tag_stage_runs(parent, stage: str, repo: str, since_ms: int) -> None:
@@ -413,30 +419,23 @@ def sum_pipeline(
         settings = load_params(Path(repo) / "params.yaml").flow
         retry = {"retries": settings.retries,
                  "retry_delay_seconds": [settings.retry_delay_s * 2**i for i in range(settings.retries)]}
-        flow_run_id = flow_run.id
-        parent, status = mlflow_parent(repo, flow_run_id), "FAILED"
-        env = stage_env(repo, {"SUM_PREFECT_FLOW_RUN_ID": str(flow_run_id or "")})
-        if parent is not None:
-            env["MLFLOW_RUN_ID"] = parent.run_id
-        try:
-            if pull:
-                dvc_remote.with_options(**retry)("pull", repo, env)
-            for stage in chosen:
-                timeout = settings.timeout_s.get(stage, settings.default_timeout_s)
-                opts = retry if stage in settings.retry_stages else {}
-                since = int(time.time() * 1000)
-                results[stage] = run_stage.with_options(**opts)(stage, repo, env, timeout)
-                if parent is not None and results[stage] == "ran":
-                    tag_stage_runs(parent, stage, repo, since)
-            if overrides and any(r != "up to date" for r in results.values()):
-                save_experiment(repo, f"prefect-{flow_run.name or 'run'}", env)
-            if push:
-                dvc_remote.with_options(**retry)("push", repo, env)
-            status = "FINISHED"
-        finally:
+        # stage processes start (or reuse) the MLflow parent run and tag it with this flow run
+        env = stage_env(repo, {"SUM_PREFECT_FLOW_RUN_ID": str(flow_run.id or "")})
+        if pull:
+            dvc_remote.with_options(**retry)("pull", repo, env)
+        for stage in chosen:
+            timeout = settings.timeout_s.get(stage, settings.default_timeout_s)
+            opts = retry if stage in settings.retry_stages else {}
+            since = int(time.time() * 1000)
+            results[stage] = run_stage.with_options(**opts)(stage, repo, env, timeout)
+            parent = recorded_parent(repo) if results[stage] == "ran" else None
             if parent is not None:
-                parent.finish(status)
-                os.environ.pop("MLFLOW_RUN_ID", None)
+                tag_stage_runs(parent, stage, repo, since)
+        if overrides and any(r != "up to date" for r in results.values()):
+            save_experiment(repo, f"prefect-{flow_run.name or 'run'}", env)
+        if push:
+            dvc_remote.with_options(**retry)("push", repo, env)
+        parent = recorded_parent(repo) if any(r == "ran" for r in results.values()) else None
         publish(repo, parent, results.get("register") == "ran")
     return results
 

@@ -362,6 +362,43 @@ class PipelineParent:
         self.client.set_terminated(self.run_id, status=status)
 
 
+def _pipeline_record(path: Path) -> Dict[str, Any]:
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        record = {}
+    return record.get("runs", {}) if record.get("format") == _PIPELINE_FORMAT else {}
+
+
+def _lookup(tc, key: str, record: Path) -> Optional["PipelineParent"]:
+    """The run ``record`` holds under ``key`` for this store, if the store still has it."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri(tc.uri)
+    known = _pipeline_record(record).get(key)
+    if not known or known.get("uri") != uri:
+        return None
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        return PipelineParent(client, client.get_run(known["run_id"]).info.run_id)
+    except MlflowException:
+        return None
+
+
+def recorded_parent(
+    tc,
+    root: str | os.PathLike = ".",
+    extra: Sequence[str] = (),
+    path: str | os.PathLike = PIPELINE_RUN_FILE,
+) -> Optional["PipelineParent"]:
+    """The parent run recorded for the current inputs (what `pipeline_parent` would reuse), or
+    None when no stage has run on them yet; creates nothing."""
+    if not tc.enabled:
+        return None
+    return _lookup(tc, pipeline_key(root, extra), Path(root) / path)
+
+
 def pipeline_parent(
     tc,
     root: str | os.PathLike = ".",
@@ -373,33 +410,26 @@ def pipeline_parent(
     Nothing to do (None) when tracking is off or ``MLFLOW_RUN_ID`` is already set (an
     orchestrator's parent). Otherwise the run ``path`` records under `pipeline_key` is reused while
     the store still has it, else a new run named ``pipeline`` is created and recorded (written
-    atomically; a few recent keys are kept, so switching back and forth reuses them).
+    atomically; a few recent keys are kept, so switching back and forth reuses them). Under the
+    Prefect flow (``SUM_PREFECT_FLOW_RUN_ID``) the parent is tagged with the flow run's id. Only a
+    stage that runs calls this, so a pipeline run that runs nothing creates nothing.
     """
     if not tc.enabled or os.environ.get("MLFLOW_RUN_ID"):
         return None
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     from sum.io import atomic_write_text
 
     uri = tracking_uri(tc.uri)
-    client = MlflowClient(tracking_uri=uri)
     key = pipeline_key(root, extra)
     path = Path(root) / path
-    try:
-        record = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        record = {}
-    runs = record.get("runs", {}) if record.get("format") == _PIPELINE_FORMAT else {}
-    known = runs.get(key)
-    run_id = None
-    if known and known.get("uri") == uri:
-        try:
-            run_id = client.get_run(known["run_id"]).info.run_id
-            client.update_run(run_id, status="RUNNING")
-        except MlflowException:
-            run_id = None
-    if run_id is None:
+    runs = _pipeline_record(path)
+    found = _lookup(tc, key, path)
+    client = found.client if found is not None else MlflowClient(tracking_uri=uri)
+    if found is not None:
+        run_id = found.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
         exp = client.get_experiment_by_name(tc.experiment)
         exp_id = exp.experiment_id if exp is not None else client.create_experiment(tc.experiment)
         tags = {PIPELINE_KEY_TAG: key, "stage": "pipeline"}
@@ -408,6 +438,8 @@ def pipeline_parent(
             tags[GIT_COMMIT_TAG] = commit
         run_id = client.create_run(exp_id, run_name="pipeline", tags=tags).info.run_id
         log.info("MLflow pipeline run %s (new inputs %s...)", run_id, key[:12])
+    if os.environ.get(FLOW_RUN_ENV):
+        client.set_tag(run_id, FLOW_RUN_TAG, os.environ[FLOW_RUN_ENV])
     runs.pop(key, None)
     runs[key] = {"run_id": run_id, "uri": uri, "used": time.time()}
     keep = dict(list(runs.items())[-_PIPELINE_KEEP:])

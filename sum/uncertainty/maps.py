@@ -466,6 +466,7 @@ def run_uncertainty(cfg) -> Dict[str, dict]:
     unknown = [n for n in names if n not in cfg.data.datasets]
     if unknown:
         raise ValueError(f"uncertainty.datasets: unknown dataset(s) {unknown}; known: {sorted(cfg.data.datasets)}")
+    torch.manual_seed(0)  # a randomly initialised model (no checkpoint) is the embed stage's
     model = load_model(cfg.model, s3=S3Options.from_config(cfg.storage.s3))
     refiner, _ = load_refiner(cfg.refine.out, device=model.device)
     datasets = {n: build_dataset(cfg.data.datasets[n], n) for n in names}
