@@ -227,3 +227,59 @@ def test_one_off_cli(prefect_api, tmp_path):
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert '"world": "ran"' in r.stdout
+
+
+def test_prefect_yaml_deploys_this_flow_with_its_parameters_on_a_schedule_with_a_timezone():
+    import inspect
+
+    from flows.pipeline import sum_pipeline
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    params = set(inspect.signature(sum_pipeline.fn).parameters)
+    assert {"overrides", "stages", "push", "register"} <= params
+    names = [d["name"] for d in spec["deployments"]]
+    assert "nightly" in names
+    for d in spec["deployments"]:
+        path, func = d["entrypoint"].split(":")
+        assert (REPO / path).is_file() and func == "sum_pipeline"
+        assert set(d["parameters"]) <= params, d["name"]
+        assert d["work_pool"]["name"] == "sum-process"
+        assert d["concurrency_limit"]["limit"] == 1
+        for sched in d["schedules"]:
+            assert sched["cron"] and sched["timezone"], d["name"]
+    step = spec["pull"][0]["prefect.deployments.steps.set_working_directory"]
+    assert step["directory"] == "{{ $SUM_REPO }}"
+
+
+def _repo_with_stages(tmp_path: Path, stages: dict, flow: str) -> Path:
+    """A git + DVC checkout whose dvc.yaml holds ``stages`` and whose params.yaml sets ``flow``."""
+    work = tmp_path / "custom"
+    work.mkdir(parents=True)
+    (work / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    (work / "params.yaml").write_text(f"flow: {flow}\ntracking: {{enabled: false}}\n")
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=work, check=True)
+    return work
+
+
+def test_flaky_stage_is_retried_with_back_off_and_a_hung_one_is_stopped_at_its_timeout(prefect_api, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import sum_pipeline
+
+    # fails the first time (no marker yet), succeeds on the retry
+    flaky = "test -f tried || { touch tried; echo 'flaky: connection reset' >&2; exit 1; }; echo ok > out.txt"
+    work = _repo_with_stages(tmp_path, {"flaky": {"cmd": flaky, "outs": ["out.txt"]}},
+                             "{retry_stages: [flaky], retries: 2, retry_delay_s: 0.5, timeout_s: {}, default_timeout_s: 60}")
+    state = sum_pipeline(repo=str(work), register=False, return_state=True)
+    assert state.is_completed(), state.message
+    with get_client(sync_client=True) as client:
+        runs = [t for t in client.read_task_runs() if t.flow_run_id == state.state_details.flow_run_id and t.name == "flaky"]
+    assert len(runs) == 1 and runs[0].run_count == 2
+
+    work = _repo_with_stages(tmp_path / "hung", {"hung": {"cmd": "echo start; sleep 120", "outs": ["never.txt"]}},
+                             "{retry_stages: [], timeout_s: {hung: 3}, default_timeout_s: 60}")
+    t0 = time.monotonic()
+    state = sum_pipeline(repo=str(work), register=False, return_state=True)
+    assert state.is_failed() and "stage hung failed: timed out after 3 s" in state.message
+    assert time.monotonic() - t0 < 60
