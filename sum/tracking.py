@@ -67,6 +67,34 @@ def tracking_uri(configured: Optional[str] = None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+@contextlib.contextmanager
+def global_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's global tracking and registry URI at ``uri`` for a block, then restore both.
+
+    Some MLflow 3 paths ignore a client's URI and read the global one: the fluent ``log_model``,
+    ``models:/`` downloads, and a SQL registry store resolving a ``models:/m-...`` source. MLflow's
+    ``set_tracking_uri`` also writes ``$MLFLOW_TRACKING_URI``; this restores the variable as found.
+    """
+    import mlflow
+
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    registry_env_before = os.environ.get("MLFLOW_REGISTRY_URI")
+    tracking_before, registry_before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    explicit = tracking_before != (env_before or tracking_before)  # set in code rather than by the env
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(tracking_before if explicit else None)
+        mlflow.set_registry_uri(registry_before if registry_before != tracking_before else None)
+        for key, value in (("MLFLOW_TRACKING_URI", env_before), ("MLFLOW_REGISTRY_URI", registry_env_before)):
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def flatten(obj: Any, prefix: str = "") -> Dict[str, str]:
     """A config (dataclasses, dicts, lists) as flat ``{"train.lr": "1e-05", ...}`` MLflow params.
 

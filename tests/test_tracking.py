@@ -103,6 +103,24 @@ def test_parent_run_from_environment_and_system_metrics(store, monkeypatch):
     assert any(k.startswith("system/") for k in run.data.metrics)  # psutil is installed here
 
 
+@pytest.mark.parametrize("env", ["sqlite:///env.db", None])
+def test_global_tracking_uri_points_mlflow_there_then_restores_it_as_found(monkeypatch, env):
+    import mlflow
+
+    if env is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    before = mlflow.get_tracking_uri()
+    with tracking.global_tracking_uri("sqlite:///elsewhere.db"):
+        assert mlflow.get_tracking_uri() == mlflow.get_registry_uri() == "sqlite:///elsewhere.db"
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == before == mlflow.get_registry_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///later.db")  # still read from the environment
+    assert mlflow.get_tracking_uri() == "sqlite:///later.db"
+
+
 def test_tracking_uri_and_flatten(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.tracking_uri() == "sqlite:///mlflow.db"

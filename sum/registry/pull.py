@@ -62,7 +62,7 @@ def pull(uri: str, out: str | os.PathLike, fmt: str = "sum", tracking: Optional[
     from mlflow.exceptions import MlflowException
 
     from sum.model.checkpoint import export_sam
-    from sum.tracking import tracking_uri
+    from sum.tracking import global_tracking_uri, tracking_uri
 
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -73,7 +73,7 @@ def pull(uri: str, out: str | os.PathLike, fmt: str = "sum", tracking: Optional[
         mv = client.get_model_version_by_alias(name, value) if kind == "alias" else client.get_model_version(name, value)
     except MlflowException as e:
         raise ValueError(f"{uri}: not in the registry at {store} ({str(e).splitlines()[0]})") from None
-    with tempfile.TemporaryDirectory(prefix="sum-pull-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sum-pull-") as tmp, global_tracking_uri(store):
         local = Path(download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=tmp,
                                         tracking_uri=store))
         found = sorted((local / "artifacts").glob("*")) if (local / "artifacts").is_dir() else []

@@ -35,7 +35,7 @@ import yaml
 from sum.io import atomic_write_text, md5_file, sha256_file
 from sum.registry import gate
 from sum.registry.pyfunc import DEFAULT_MODEL_CONFIG
-from sum.tracking import EVAL_MD5_TAG, MODEL_MD5_TAG, git_commit, stage_run, tracking_uri
+from sum.tracking import EVAL_MD5_TAG, MODEL_MD5_TAG, git_commit, global_tracking_uri, stage_run, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -239,9 +239,7 @@ def log_and_register(client, uri: str, cfg, method: str, checkpoint: Path, run_i
 
     name = registered_model_name(cfg)
     model_config = {**DEFAULT_MODEL_CONFIG, "embedding_cache_size": int(cfg.registry.embedding_cache_size)}
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with global_tracking_uri(uri):
         with tempfile.TemporaryDirectory(prefix="sum-register-") as tmp, mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=method,
@@ -253,16 +251,16 @@ def log_and_register(client, uri: str, cfg, method: str, checkpoint: Path, run_i
                 model_config=model_config,
             )
             mlflow.log_metrics({k: float(v) for k, v in tags.items() if k.startswith("eval.")}, model_id=info.model_id)
-    finally:
-        mlflow.set_tracking_uri(previous)
-    try:
-        client.create_registered_model(name, description=f"SUM fine-tunes of {cfg.model.name} (spec §9); "
-                                       "aliases: champion (the gate's choice), challenger (the newest)")
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    return client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags,
-                                       description=description, model_id=info.model_id)
+        try:
+            client.create_registered_model(name, description=f"SUM fine-tunes of {cfg.model.name} (spec §9); "
+                                           "aliases: champion (the gate's choice), challenger (the newest)")
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        # Still under the global URI: a SQL registry store resolves ``models:/m-...`` sources through
+        # a fresh ``MlflowClient()``, i.e. the global tracking URI, not ``client``'s (MLflow 3.x).
+        return client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags,
+                                           description=description, model_id=info.model_id)
 
 
 def register(cfg) -> Dict[str, Any]:
