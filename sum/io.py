@@ -283,3 +283,11 @@ def atomic_torch_save(obj, dest: str | os.PathLike) -> Path:
     torch.save(obj, buf)
     atomic_write_bytes(dest, buf.getvalue())
     return Path(dest)
+
+
+def check_format(doc: object, expected: str, path: str | os.PathLike, what: str) -> dict:
+    """``doc`` when it is a mapping whose ``"format"`` tag is ``expected``; else a ``ValueError``
+    naming ``path`` and saying it is not ``what`` (e.g. "a SUM image embedding")."""
+    if not isinstance(doc, dict) or doc.get("format") != expected:
+        raise ValueError(f"{path}: not {what} (expected format {expected!r})")
+    return doc

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -575,3 +575,21 @@ def build_dataset(cfg: DatasetConfig, name: str = "") -> SegDataset:
     if cfg.format == "sa1b":
         return Sa1bDataset(cfg.images, cfg.annotations, task=cfg.task, name=name)
     raise ValueError(f"dataset {name or cfg.annotations!r}: format {cfg.format!r}: expected one of {list(FORMATS)}")
+
+
+def select_datasets(known: Mapping[str, object], names: Sequence[str], key: str) -> list[str]:
+    """The dataset names a stage runs over: ``names``, or every known dataset when ``names`` is empty.
+
+    Arguments:
+      known: name -> dataset config (``cfg.data.datasets``).
+      names: the names the stage's config lists.
+      key: the config key that lists them (``"embed.datasets"``), for the error message.
+
+    Raises:
+      ValueError: naming ``key`` and the unknown names.
+    """
+    chosen = list(names) or list(known)
+    unknown = [n for n in chosen if n not in known]
+    if unknown:
+        raise ValueError(f"{key}: unknown dataset(s) {unknown}; known: {sorted(known)}")
+    return chosen
