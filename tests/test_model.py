@@ -180,9 +180,9 @@ def test_resolve_fast_path(monkeypatch):
     assert resolve_fast_path(vit, "auto", "cpu") == OFF
     assert resolve_fast_path(vit, "on", "cpu") == full_vit
     assert resolve_fast_path(tiny_vit, "auto", "cuda") == FastPath(bf16_autocast=True, channels_last=True)
-    monkeypatch.setattr(fast, "_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(fast, "cpu_has_native_bf16", lambda: True)
     assert resolve_fast_path(tiny_vit, "auto", "cpu") == FastPath(bf16_autocast=True, channels_last=True)
-    monkeypatch.setattr(fast, "_cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(fast, "cpu_has_native_bf16", lambda: False)
     assert resolve_fast_path(tiny_vit, "auto", "cpu") == OFF
     with pytest.raises(ValueError, match="fast_path='fast': expected one of 'auto', 'on', 'off'"):
         resolve_fast_path(vit, "fast")

@@ -517,7 +517,7 @@ def test_batches_are_deterministic_and_split_across_ranks():
 def test_forward_autocast_precision_switch():
     from contextlib import nullcontext
 
-    from sum.model.fast import _cpu_has_native_bf16
+    from sum.model.fast import cpu_has_native_bf16 as _cpu_has_native_bf16
     from sum.train.trainer import forward_autocast
 
     cpu = torch.device("cpu")

@@ -138,7 +138,7 @@ def _fast_class(base: type) -> type:
     return _FAST_CLASSES[base]
 
 
-def _cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16() -> bool:
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # older torch without the probes: assume emulated bf16 (slow)
@@ -176,7 +176,7 @@ def resolve_fast_path(model: nn.Module, mode: str, device: Optional[torch.device
     device = torch.device(device) if device is not None else _device_of(encoder)
     if device.type == "cuda":
         return full
-    if device.type == "cpu" and not is_vit and _cpu_has_native_bf16():
+    if device.type == "cpu" and not is_vit and cpu_has_native_bf16():
         return FastPath(bf16_autocast=True, channels_last=True)
     return OFF
 

@@ -976,12 +976,12 @@ def forward_autocast(precision: str, device: torch.device, mode: str):
     Raises:
       ValueError: naming ``train.precision`` for another value.
     """
-    from sum.model.fast import _cpu_has_native_bf16
+    from sum.model.fast import cpu_has_native_bf16
 
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"train.precision: {precision!r} is not one of auto, bf16, fp32")
     bf16 = precision == "bf16" or (
-        precision == "auto" and (device.type == "cuda" or (mode == "decoder" and _cpu_has_native_bf16()))
+        precision == "auto" and (device.type == "cuda" or (mode == "decoder" and cpu_has_native_bf16()))
     )
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
