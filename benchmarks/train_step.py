@@ -1,18 +1,19 @@
-"""Training-step speed and memory: this trainer (`sum.train.trainer`) against a plain loop written
-the way the reference code does it.
+"""Training-step speed and memory: the trainer's step (`sum.train.trainer.TrainStep`) against a
+plain loop written the way the reference code does it.
 
 Both variants train the same model from the same state on the same global batch (same images,
 masks and generator seeds, so the same prompts), one after the other in separate child processes
 so that each gets its own peak memory:
 
-- **ours**: what one `finetune` step does: `load_items`, the cached embeddings (decoder mode) or the
-  batched encoder (full mode), `forward_backward` (box- and point-prompted masks of an image in one
-  decoder call per round, losses on the un-padded part of the loss frame, backward after every
-  round), bf16 autocast and the fused-attention encoder fast path on CUDA, AdamW with layer decay.
+- **ours**: the `TrainStep` that `finetune`'s loop calls, then AdamW with layer decay: the rank's
+  batch, the cached embeddings (decoder mode) or the batched encoder (full mode), the interactive
+  rounds (box- and point-prompted masks of an image in one decoder call per round, losses on the
+  un-padded part of the loss frame, backward after every round), the gradient all-reduce; bf16
+  autocast and the fused-attention encoder fast path on CUDA.
 - **reference**: the straightforward loop: per image, per round, one ``prompt_encoder`` +
   ``mask_decoder`` forward per prompt kind (box, point), losses on the whole padded frame
   (``postprocess_masks``-style upsampling, no crop), summed over the batch and back-propagated
-  once, fp32 everywhere, the official attention.
+  once, fp32 everywhere, the official attention. Its batches are `TrainStep.batch`'s.
   Data loading, prompt sampling and loss formulas are the repo's (`sum.train.sampling`,
   `sum.train.losses`), so the comparison isolates the loop structure and precision.
 
@@ -24,7 +25,8 @@ Parts:
 - ``cuda``: SAM ViT-B and ViT-H (random weights; speed does not depend on them) in ``full`` mode at
   1024 px.
 
-Usage::
+Usage (the smallest run, a smoke test: ``--part cpu --synthetic --batch-size 2 --max-masks 1
+--loss-size 64 --steps 1 --warmup 0``)::
 
     python benchmarks/train_step.py --part cpu --batch-size 4 --max-masks 8 --loss-size 256
     python benchmarks/train_step.py --part cuda --models vit_b vit_h --batch-size 2 --max-masks 16
@@ -39,14 +41,41 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from sum.config import ModelConfig, WorldSetConfig  # noqa: E402
+from sum.data.dataset import CocoDataset, Sample  # noqa: E402
+from sum.data.synthetic import generate_set  # noqa: E402
+from sum.model.build import build_sum_model  # noqa: E402
+from sum.model.checkpoint import load_checkpoint  # noqa: E402
+from sum.model.fast import enable_fast_path  # noqa: E402
+from sum.model.predictor import SumPredictor  # noqa: E402
+from sum.train.build import set_train_modes  # noqa: E402
+from sum.train.data import LABELED, UNLABELED, Pool, cached_features, global_batch, split_batch  # noqa: E402
+from sum.train.distributed import DistInfo  # noqa: E402
+from sum.train.losses import combined_loss  # noqa: E402
+from sum.train.optim import build_optimizer, set_trainable  # noqa: E402
+from sum.train.rounds import RoundOptions, to_input_frame  # noqa: E402
+from sum.train.sampling import (  # noqa: E402
+    PROMPT_ERROR_POINT,
+    add_jitter_to_boxes,
+    round_schedule,
+    sample_error_clicks,
+    sample_first_points,
+    sample_first_prompt_is_box,
+)
+from sum.train.trainer import TrainStep  # noqa: E402
 
 MOBILE_SAM_CHECKPOINT = REPO / "data" / "raw" / "mobile_sam" / "mobile_sam.pt"
 WORLD = REPO / "data" / "world"
@@ -66,10 +95,6 @@ class AsPseudo:
         return len(self.ds)
 
     def __getitem__(self, i):
-        import cv2
-
-        from sum.data.dataset import Sample
-
         s = self.ds[i]
         kernel = np.ones((9, 9), np.uint8)
         u = np.stack([
@@ -80,15 +105,7 @@ class AsPseudo:
 
 
 def world_pools(synthetic: bool):
-    from sum.data.dataset import CocoDataset
-    from sum.train.data import LABELED, UNLABELED, Pool
-
     if synthetic or not (WORLD / "hq_train").is_dir():
-        import tempfile
-
-        from sum.config import WorldSetConfig
-        from sum.data.synthetic import generate_set
-
         out = Path(tempfile.mkdtemp())
         hq = generate_set(out, "hq_train", WorldSetConfig(task="salient", role="labeled", n_images=8, seed=1), 512)
         ent = generate_set(out, "unlabeled", WorldSetConfig(task="entity", role="labeled", n_images=8, seed=2), 512)
@@ -107,18 +124,6 @@ def world_pools(synthetic: bool):
 def reference_loss(sam, batch, features, schedule, opts, img_size, loss_scale):
     """Per image, per round, per prompt kind: one SAM prompt-encoder + decoder forward; losses on
     the padded frame; fp32 (module docstring)."""
-    import torch.nn.functional as F
-
-    from sum.train.losses import combined_loss
-    from sum.train.sampling import (
-        PROMPT_ERROR_POINT,
-        add_jitter_to_boxes,
-        sample_error_clicks,
-        sample_first_points,
-        sample_first_prompt_is_box,
-    )
-    from sum.train.trainer import to_input_frame
-
     L = opts.loss_size
     total = 0.0
     for i, (item, g) in enumerate(batch):
@@ -180,20 +185,19 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_variant(args) -> dict:
-    from omegaconf import OmegaConf
+class Embeddings:
+    """Decoder mode: the embeddings of the steps' images, computed up front."""
 
-    from sum.config import ModelConfig
-    from sum.model.build import build_sum_model
-    from sum.model.checkpoint import load_checkpoint
-    from sum.train.data import global_batch, load_items, rank_slots, split_batch
-    from sum.train.optim import build_optimizer, set_trainable
-    from sum.train.sampling import round_schedule
-    from sum.train.trainer import RoundOptions, cached_features, forward_backward, set_train_modes, to_device
+    def __init__(self):
+        self.store = {}
 
-    torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.part == "cuda" else "cpu")
-    mode = "full" if args.part == "cuda" else "decoder"
+    def load(self, dataset, image_id):
+        return self.store[(dataset, image_id)]
+
+
+def build_variant_model(args, device, mode):
+    """``args.model`` (MobileSAM's real weights when present, else random), trainable as in
+    ``mode``; the encoder fast path for ours on CUDA. Returns the model and its weights' name."""
     name = args.model
     mcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / "params" / "model" / f"{name}.yaml")))
     torch.manual_seed(0)
@@ -206,78 +210,82 @@ def run_variant(args) -> dict:
     set_trainable(sam, mode)
     set_train_modes(sam, mode)
     if args.variant == "ours" and device.type == "cuda":
-        from sum.model.fast import enable_fast_path
-
         enable_fast_path(sam, "auto", device=device)
+    return sam, weights
+
+
+def precompute_embeddings(sam, pools, steps, batch_size, n_lab, sizes, device, mode) -> Embeddings:
+    """The image embeddings of the first ``steps`` global batches, with the encoder fast path."""
+    embeddings = Embeddings()
+    enable_fast_path(sam, "auto", device=device)
+    predictor = SumPredictor(sam)
+    for step in range(steps):
+        for s in global_batch(step, batch_size, n_lab, sizes, 0):
+            dname, ds, i = pools[s.kind].locate(s.index)
+            sample = ds[i]
+            if (dname, sample.image_id) not in embeddings.store:
+                predictor.set_image(sample.image)
+                embeddings.store[(dname, sample.image_id)] = predictor.get_embedding()
+    enable_fast_path(sam, "off", device=device)
+    set_train_modes(sam, mode)
+    return embeddings
+
+
+def reference_step(step_fn: TrainStep, step: int, opt) -> int:
+    """The reference loop's step up to the optimizer update, on `TrainStep.batch`'s batch; its
+    number of masks."""
+    sam, device = step_fn.sam, step_fn.info.device
+    batch = step_fn.batch(step)
+    if step_fn.mode == "decoder":
+        features = cached_features(step_fn.embeddings, batch, device)
+    else:
+        x = torch.cat([sam.preprocess(it.image_3hw[None].to(device, torch.float32)) for it, _ in batch])
+        features = sam.image_encoder(x)
+    opt.zero_grad(set_to_none=True)
+    loss = reference_loss(sam, batch, features, step_fn.schedule, step_fn.opts, step_fn.img_size, 1.0 / step_fn.batch_size)
+    loss.backward()
+    return sum(it.n_masks for it, _ in batch)
+
+
+def run_variant(args) -> dict:
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.part == "cuda" else "cpu")
+    mode = "full" if args.part == "cuda" else "decoder"
+    sam, weights = build_variant_model(args, device, mode)
     pools = world_pools(args.synthetic)
     sizes = {k: len(p) for k, p in pools.items()}
     n_lab, _ = split_batch(args.batch_size, 0.5, True)
     img_size = sam.image_encoder.img_size
-    loss_size = args.loss_size or img_size
-    schedule = round_schedule(7)
-    opts = RoundOptions(loss_size=loss_size)
+    opts = RoundOptions(loss_size=args.loss_size or img_size)
     opt = build_optimizer(sam, mode=mode, lr=1e-5, weight_decay=0.1, layer_decay=0.8)
-
-    class Embeddings:  # decoder mode: the embeddings of the steps' images, computed up front
-        def __init__(self):
-            self.store = {}
-
-        def load(self, dataset, image_id):
-            return self.store[(dataset, image_id)]
-
-    embeddings = Embeddings()
     steps = args.warmup + args.steps
-    if mode == "decoder":
-        from sum.model.fast import enable_fast_path
-        from sum.model.predictor import SumPredictor
-
-        enable_fast_path(sam, "auto", device=device)
-        predictor = SumPredictor(sam)
-        for step in range(steps):
-            for s in global_batch(step, args.batch_size, n_lab, sizes, 0):
-                dname, ds, i = pools[s.kind].locate(s.index)
-                sample = ds[i]
-                if (dname, sample.image_id) not in embeddings.store:
-                    predictor.set_image(sample.image)
-                    embeddings.store[(dname, sample.image_id)] = predictor.get_embedding()
-        enable_fast_path(sam, "off", device=device)
-        set_train_modes(sam, mode)
+    embeddings = precompute_embeddings(sam, pools, steps, args.batch_size, n_lab, sizes, device, mode) if mode == "decoder" else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and args.variant == "ours") else torch.autocast("cpu", enabled=False)
+    step_fn = TrainStep(sam, opt, pools, embeddings, round_schedule(7), opts, autocast, DistInfo(0, 1, 0, device, False),
+                        mode=mode, batch_size=args.batch_size, n_labeled=n_lab, sizes=sizes, seed=0, img_size=img_size,
+                        max_masks=args.max_masks)
     baseline_rss = rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and args.variant == "ours") else torch.autocast("cpu", enabled=False)
     times, masks = [], []
     for step in range(steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        slots = rank_slots(global_batch(step, args.batch_size, n_lab, sizes, 0), 0, 1)
-        batch = load_items(slots, pools, step=step, seed=0, img_size=img_size, loss_size=loss_size,
-                           max_masks=args.max_masks, keep_images=mode == "full")
-        batch = to_device(batch, device)
-        if mode == "decoder":
-            features = cached_features(embeddings, batch, device)
-        elif args.variant == "reference":
-            x = torch.cat([sam.preprocess(it.image_3hw[None].to(device, torch.float32)) for it, _ in batch])
-            features = sam.image_encoder(x)
-        else:
-            features = None
-        opt.zero_grad(set_to_none=True)
-        if args.variant == "ours":
-            forward_backward(sam, batch, features, schedule, opts, 1.0 / args.batch_size, autocast)
-        else:
-            loss = reference_loss(sam, batch, features, schedule, opts, img_size, 1.0 / args.batch_size)
-            loss.backward()
+        n_masks = step_fn(step)["masks"] if args.variant == "ours" else reference_step(step_fn, step, opt)
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
-            masks.append(sum(it.n_masks for it, _ in batch))
-    sec = statistics.median(times)
+            masks.append(float(n_masks))
+    return variant_result(args, weights, mode, device, opts.loss_size, statistics.median(times), masks, baseline_rss)
+
+
+def variant_result(args, weights, mode, device, loss_size, sec, masks, baseline_rss) -> dict:
     out = {
         "variant": args.variant,
-        "model": name,
+        "model": args.model,
         "weights": weights,
         "mode": mode,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{args.threads} threads",

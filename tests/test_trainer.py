@@ -18,8 +18,11 @@ import torch
 import sum.config as sc
 from sum.data.dataset import CocoDataset, Sample
 from sum.model.predictor import ImageEmbedding
+from sum.train import rounds as train_rounds
 from sum.train import trainer as tr
 from sum.train.data import LABELED, UNLABELED, Pool
+from sum.train.method import checkpoint_method
+from sum.train.state import input_paths
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -296,15 +299,15 @@ def test_a_run_on_new_inputs_starts_afresh(world, embeddings, tmp_path):
         "hq": sc.DatasetConfig(images=str(tmp_path / "hq/images"), annotations=str(tmp_path / "hq/annotations.json"), role="labeled"),
         "pool": sc.DatasetConfig(images=str(tmp_path / "pool/images"), role="unlabeled"),
     }
-    paths = tr.input_paths(cfg, cfg.method)
+    paths = input_paths(cfg, cfg.method)
     assert str(tmp_path / "pseudo" / "pool") in paths and str(tmp_path / "unc" / "pool") in paths
     assert str(tmp_path / "emb" / "pool") in paths and str(tmp_path / "hq" / "annotations.json") in paths
-    hq_only = tr.input_paths(cfg, method("hq_only"))
+    hq_only = input_paths(cfg, method("hq_only"))
     assert not any("pseudo" in p or "unc" in p or "pool" in p for p in hq_only)
-    vanilla = tr.input_paths(cfg, method("vanilla"))  # pseudo labels without their maps
+    vanilla = input_paths(cfg, method("vanilla"))  # pseudo labels without their maps
     assert str(tmp_path / "pseudo" / "pool") in vanilla and not any("unc" in p for p in vanilla)
     sampling_only = dataclasses.replace(cfg.method, use_uncertainty_loss=False)  # maps still read
-    assert str(tmp_path / "unc" / "pool") in tr.input_paths(cfg, sampling_only)
+    assert str(tmp_path / "unc" / "pool") in input_paths(cfg, sampling_only)
 
     first = tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings)
     assert first["resumed_from_step"] == 0
@@ -415,7 +418,7 @@ def test_task_prompts_train_per_task_and_id_0_never(world, embeddings, tmp_path)
 class Spy:
     def __init__(self, monkeypatch):
         self.losses, self.tasks, self.clicks, self.items = [], [], [], []
-        loss, round_, first, error, rounds = tr.combined_loss, tr.prompt_round, tr.sample_first_points, tr.sample_error_clicks, tr.interactive_rounds
+        loss, round_, first, error, rounds = train_rounds.combined_loss, train_rounds.prompt_round, train_rounds.sample_first_points, train_rounds.sample_error_clicks, train_rounds.interactive_rounds
 
         def combined_loss(*a, **k):
             self.losses.append(a[3] if len(a) > 3 else k.get("certainty_n1hw"))
@@ -437,11 +440,11 @@ class Spy:
             self.items.append(item)
             return rounds(sam, f, item, g, schedule, opts, backward=backward)
 
-        monkeypatch.setattr(tr, "combined_loss", combined_loss)
-        monkeypatch.setattr(tr, "prompt_round", prompt_round)
-        monkeypatch.setattr(tr, "sample_first_points", clicks(first))
-        monkeypatch.setattr(tr, "sample_error_clicks", clicks(error))
-        monkeypatch.setattr(tr, "interactive_rounds", interactive_rounds)
+        monkeypatch.setattr(train_rounds, "combined_loss", combined_loss)
+        monkeypatch.setattr(train_rounds, "prompt_round", prompt_round)
+        monkeypatch.setattr(train_rounds, "sample_first_points", clicks(first))
+        monkeypatch.setattr(train_rounds, "sample_error_clicks", clicks(error))
+        monkeypatch.setattr(train_rounds, "interactive_rounds", interactive_rounds)
 
 
 def test_sum_uses_certainty_and_task_prompt_in_round_1_only(world, embeddings, tmp_path, monkeypatch):
@@ -495,7 +498,7 @@ def test_checkpoint_stores_the_method_as_trained(world, embeddings, tmp_path):
     tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings)
     meta = read_checkpoint(str(tmp_path / "models" / "sum.pt")).meta
     assert meta["method"] == "sum" and meta["method_config"] == dataclasses.asdict(cfg.method)
-    assert tr.checkpoint_method(make_cfg(tmp_path), meta) == cfg.method
+    assert checkpoint_method(make_cfg(tmp_path), meta) == cfg.method
 
 
 def test_batches_are_deterministic_and_split_across_ranks():
@@ -518,7 +521,7 @@ def test_forward_autocast_precision_switch():
     from contextlib import nullcontext
 
     from sum.model.fast import cpu_has_native_bf16 as _cpu_has_native_bf16
-    from sum.train.trainer import forward_autocast
+    from sum.train.build import forward_autocast
 
     cpu = torch.device("cpu")
     assert isinstance(forward_autocast("fp32", cpu, "decoder"), nullcontext)

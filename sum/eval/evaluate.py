@@ -467,7 +467,7 @@ def load_eval_model(name: str, uri: str, cfg, s3=None):
         resolve_device,
     )
     from sum.model.fast import enable_fast_path
-    from sum.train.trainer import checkpoint_method
+    from sum.train.method import checkpoint_method
 
     if not uri:
         torch.manual_seed(0)

@@ -16,10 +16,14 @@ certainty and the loss live in the *loss frame*: the padded ``loss_size²`` squa
 (``img_size`` by default: 1024² for SAM, A10) cropped to the valid (un-padded) region, so the
 padding is never scored and no click lands in it (§6.4 [REC]). Masks are resized with nearest
 neighbour (the released loader's ``F.interpolate(mode='nearest')``), u bilinearly; c = 1 − u.
+
+**A rank's step.** `load_items` reads a rank's slots, `to_device` moves them to its device and
+`cached_features` reads their image embeddings (decoder mode).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import List, Optional, Sequence, Tuple
@@ -268,3 +272,35 @@ def load_items(
         )
         out.append((item, generator))
     return out
+
+
+def to_device(items: Sequence[Tuple[TrainItem, torch.Generator]], device: torch.device):
+    """Move the items' tensors to ``device``; a CUDA run draws from a CUDA generator seeded by the
+    image's CPU generator."""
+    if device.type == "cpu":
+        return list(items)
+    out = []
+    for item, g in items:
+        moved = dataclasses.replace(
+            item,
+            masks_k1hw=item.masks_k1hw.to(device),
+            certainty_k1hw=None if item.certainty_k1hw is None else item.certainty_k1hw.to(device),
+            boxes_k4=item.boxes_k4.to(device),
+        )
+        seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        out.append((moved, torch.Generator(device=device).manual_seed(seed)))
+    return out
+
+
+def cached_features(embeddings, items: Sequence[Tuple[TrainItem, torch.Generator]], device) -> torch.Tensor:
+    """Decoder mode: the images' embeddings from the cache (spec §8.1: the encoder never runs)."""
+    feats = []
+    for item, _ in items:
+        emb = embeddings.load(item.dataset, item.image_id)
+        if tuple(emb.input_size) != tuple(item.input_hw):
+            raise ValueError(
+                f"embedding of {item.dataset}/{item.image_id}: input size {tuple(emb.input_size)}, "
+                f"the image resizes to {item.input_hw}"
+            )
+        feats.append(emb.features)
+    return torch.cat(feats).to(device, torch.float32)

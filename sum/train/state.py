@@ -1,0 +1,206 @@
+"""A training run's state: seeding, stop signals, the resume key and the saved train state.
+
+``<run_dir>/<method>/train_state.pt`` is written every ``checkpoint_every`` steps, at the end and
+when SIGTERM/SIGINT arrives (the step in flight finishes first), atomically: model, optimizer,
+scheduler, step, loss history, RNG states, the MLflow run id. A later call resumes from it
+automatically, exactly: batches and prompts are functions of the step. A state made under another
+config (anything but the iteration count, checkpoint cadence and paths) or on other inputs (pseudo
+labels, uncertainty maps, embeddings, datasets, checkpoint: their file sizes and times,
+`input_fingerprint`) is not resumed: training starts afresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from sum.io import atomic_torch_save, check_format
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "sum-train-state/1"
+
+
+class TrainingStopped(RuntimeError):
+    """SIGTERM or SIGINT stopped the training; the state of ``step`` is saved for resuming."""
+
+    def __init__(self, step: int, signum: int, state_path: Path):
+        super().__init__(f"training stopped by signal {signum} after step {step}; state saved to {state_path}")
+        self.step, self.signum, self.state_path = step, signum, state_path
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> Dict:
+    """Global RNG states (torch, CUDA, numpy, python) as plain data (``weights_only`` loadable)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopSignals:
+    """SIGTERM and SIGINT set a flag: the loop finishes its step, saves and stops. A second SIGINT
+    interrupts at once. Only installed in the main thread; restored by `restore`."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning("signal %d: stopping after this step", signum)
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+@dataclass
+class RunPaths:
+    state: Path  # resumable training state
+    model: Path  # final SUM checkpoint
+    metrics: Path  # final metrics JSON
+
+
+def run_paths(train_cfg, method: str) -> RunPaths:
+    """Where a method's run keeps its state and writes its checkpoint and metrics."""
+    return RunPaths(
+        state=Path(train_cfg.run_dir) / method / "train_state.pt",
+        model=Path(train_cfg.model_dir) / f"{method}.pt",
+        metrics=Path(train_cfg.metrics_dir) / f"{method}.json",
+    )
+
+
+_NOT_IN_KEY = {"iterations", "checkpoint_every", "log_every", "run_dir", "model_dir", "metrics_dir"}
+
+
+def input_paths(cfg, method) -> List[str]:
+    """What a run reads from disk under ``cfg``: the labeled datasets, and with unlabeled data the
+    images, pseudo labels (and uncertainty maps when used) of the unlabeled ones, the embedding
+    cache (decoder mode) and the foundation checkpoint."""
+    t = cfg.train
+    paths = [cfg.model.checkpoint or ""]
+    for name, d in sorted(cfg.data.datasets.items()):
+        if d.role == "labeled":
+            paths += [d.images, d.annotations]
+        elif d.role == "unlabeled" and method.use_unlabeled:
+            paths += [d.images, str(Path(t.pseudo_dir) / name)]
+            if method.uses_uncertainty:
+                paths.append(str(Path(t.uncertainty_dir) / name))
+        else:
+            continue
+        if t.mode == "decoder":
+            paths.append(str(Path(cfg.embed.out_dir) / name))
+    return [p for p in paths if p]
+
+
+def input_fingerprint(paths: Sequence[str]) -> str:
+    """sha256 of (path, size, mtime) of every file under ``paths`` (files or folders; a missing or
+    remote path counts by its name). Like DVC's own change check, it reads no file contents: a
+    new pseudo-labeling, uncertainty map, embedding or checkpoint changes it, an unchanged tree
+    (a killed run started again) does not."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{p}\0".encode())
+        root = Path(p)
+        if "://" in p or not root.exists():
+            continue
+        files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.relative_to(root) if f != root else ''}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def resume_key(cfg, method) -> str:
+    """sha256 of everything a resumed run must share with the saved one (module docstring): the
+    config but the iteration count, cadence and output paths, and the inputs (`input_fingerprint`
+    of `input_paths`), so that a stage re-run on new pseudo labels trains afresh instead of
+    resuming the finished run."""
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _NOT_IN_KEY}
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("device", "fast_path")}
+    text = json.dumps(
+        {
+            "train": train,
+            "model": model,
+            "method": dataclasses.asdict(method),
+            "inputs": input_fingerprint(input_paths(cfg, method)),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def save_train_state(path: Path, *, sam, optimizer, scheduler, step: int, key: str, history: List[float], run_id) -> None:
+    """The resumable state, atomically (module docstring)."""
+    state = {
+        "format": STATE_FORMAT,
+        "key": key,
+        "step": step,
+        "model": {k: v.detach().cpu() for k, v in sam.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "history": list(history),
+        "mlflow_run_id": run_id,
+    }
+    atomic_torch_save(state, path)
+    log.info("saved training state %s (step %d)", path, step)
+
+
+def load_train_state(path: Path, key: str, *, sam, optimizer, scheduler) -> Tuple[int, List[float], Optional[str]]:
+    """Resume from ``path`` if it holds a state of this config: (step, loss history, MLflow run id);
+    (0, [], None) otherwise."""
+    if not path.is_file():
+        return 0, [], None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    check_format(state, STATE_FORMAT, path, "a SUM training state")
+    if state["key"] != key:
+        log.warning("%s: saved under another config or on other inputs; training starts afresh", path)
+        return 0, [], None
+    sam.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    log.info("resumed from %s at step %d", path, state["step"])
+    return int(state["step"]), list(state["history"]), state.get("mlflow_run_id")
