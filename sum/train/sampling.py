@@ -228,13 +228,9 @@ def sample_first_point(
     """
     if mask_hw.ndim != 2:
         raise ValueError(f"mask: expected (H, W), got shape {tuple(mask_hw.shape)}")
-    out = sample_first_points(
-        mask_hw[None, None],
-        None if certainty_hw is None else certainty_hw[None, None],
-        generator=generator,
-        backup_points_k2=None if backup_point is None else backup_point.reshape(1, 2),
-    )
-    return PointPrompt(out.coords[0, 0], out.labels[0, 0], out.is_fallback[0])
+    certainty_k1hw, backup_k2 = _as_one_of_k(certainty_hw, backup_point)
+    out = sample_first_points(mask_hw[None, None], certainty_k1hw, generator=generator, backup_points_k2=backup_k2)
+    return _the_one(out)
 
 
 def sample_error_clicks(
@@ -314,13 +310,21 @@ def sample_error_click(
         raise ValueError(
             f"pred/target: expected (H, W), got {tuple(pred_hw.shape)} / {tuple(target_hw.shape)}"
         )
+    certainty_k1hw, backup_k2 = _as_one_of_k(certainty_hw, backup_point)
     out = sample_error_clicks(
-        pred_hw[None, None],
-        target_hw[None, None],
-        None if certainty_hw is None else certainty_hw[None, None],
-        generator=generator,
-        backup_points_k2=None if backup_point is None else backup_point.reshape(1, 2),
+        pred_hw[None, None], target_hw[None, None], certainty_k1hw, generator=generator, backup_points_k2=backup_k2
     )
+    return _the_one(out)
+
+
+def _as_one_of_k(certainty_hw: Optional[Tensor], backup_point: Optional[Tensor]):
+    """A single mask's certainty (H, W) and backup point (2,) as the K = 1 batch's, or None."""
+    certainty_k1hw = None if certainty_hw is None else certainty_hw[None, None]
+    return certainty_k1hw, None if backup_point is None else backup_point.reshape(1, 2)
+
+
+def _the_one(out: PointPrompt) -> PointPrompt:
+    """The prompt of a K = 1 batch's only mask: coords (2,), labels (), is_fallback ()."""
     return PointPrompt(out.coords[0, 0], out.labels[0, 0], out.is_fallback[0])
 
 
