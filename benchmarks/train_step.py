@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,12 +85,12 @@ WORLD = REPO / "data" / "world"
 # ---- data ------------------------------------------------------------------------------------
 
 
+@dataclass
 class AsPseudo:
     """A COCO set read as pseudo labels: task 0 and a synthetic u (0.5 on a band around each
     mask's border, 0 elsewhere), so that the uncertainty-aware paths do their real work."""
 
-    def __init__(self, ds):
-        self.ds = ds
+    ds: CocoDataset
 
     def __len__(self):
         return len(self.ds)

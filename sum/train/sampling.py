@@ -215,11 +215,7 @@ def sample_first_points(
 
 
 def sample_first_point(
-    mask_hw: Tensor,
-    certainty_hw: Optional[Tensor] = None,
-    *,
-    generator: torch.Generator,
-    backup_point: Optional[Tensor] = None,
+    mask_hw: Tensor, certainty_hw: Optional[Tensor] = None, *, generator: torch.Generator, backup_point: Optional[Tensor] = None
 ) -> PointPrompt:
     """``sample_first_points`` for one (H, W) mask (spec §6.2).
 
@@ -294,11 +290,7 @@ def sample_error_clicks(
 
 
 def sample_error_click(
-    pred_hw: Tensor,
-    target_hw: Tensor,
-    certainty_hw: Optional[Tensor] = None,
-    *,
-    generator: torch.Generator,
+    pred_hw: Tensor, target_hw: Tensor, certainty_hw: Optional[Tensor] = None, *, generator: torch.Generator,
     backup_point: Optional[Tensor] = None,
 ) -> PointPrompt:
     """``sample_error_clicks`` for one (H, W) mask (spec §6.3-6.4, D11).
