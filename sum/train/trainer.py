@@ -134,6 +134,7 @@ class TrainRun:
     n_unlabeled: int  # unlabeled slots of the global batch
 
     def save_state(self, step: int, history: List[float]) -> None:
+        """The resumable state after ``step`` (`save_train_state`)."""
         save_train_state(self.paths.state, sam=self.sam, optimizer=self.optimizer, scheduler=self.scheduler,
                          step=step, key=self.key, history=history, run_id=self.tracker.run_id)
 
