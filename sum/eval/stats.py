@@ -98,7 +98,7 @@ def paired_deltas(
     """Every other model's paired difference to ``reference`` on ``protocol`` (module docstring).
 
     Arguments:
-      records: `sum.eval.evaluate.MaskRecord`-like objects (``model, protocol, dataset, image_id,
+      records: `sum.eval.scoring.MaskRecord`-like objects (``model, protocol, dataset, image_id,
         ann_id`` and a per-round list under ``metric``).
       dataset_task: benchmark name -> task; its order is the order of the task keys.
       reference: the model the others are compared with (normally the foundation model).
