@@ -68,7 +68,7 @@ class AsPseudo:
     def __getitem__(self, i):
         import cv2
 
-        from sum.data.dataset import Sample
+        from sum.data.sample import Sample
 
         s = self.ds[i]
         kernel = np.ones((9, 9), np.uint8)

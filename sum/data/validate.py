@@ -19,7 +19,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sum.data.dataset import DatasetView, Problem, SegDataset, build_dataset
+from sum.data.dataset import build_dataset
+from sum.data.sample import DatasetView, Problem, SegDataset
 from sum.io import atomic_write_text
 
 log = logging.getLogger(__name__)
