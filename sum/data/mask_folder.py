@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from sum.data import formats
+from sum.data.image_files import find_images, read_binary_mask
 from sum.data.sample import FileListDataset, Problem, Sample, make_sample
 
 
@@ -38,8 +39,8 @@ class MaskFolderDataset(FileListDataset):
         self.threshold = threshold
         same = self.images_dir.resolve() == self.masks_dir.resolve()
         image_exts = tuple(e for e in formats.IMAGE_EXTENSIONS if not (same and e == ".png"))
-        self.files = formats.find_images(self.images_dir, image_exts)
-        mask_files = formats.find_images(self.masks_dir, (".png",) if same else MASK_EXTENSIONS)
+        self.files = find_images(self.images_dir, image_exts)
+        mask_files = find_images(self.masks_dir, (".png",) if same else MASK_EXTENSIONS)
         self.masks: dict[str, Path] = {}
         for p in sorted(mask_files, key=lambda p: MASK_EXTENSIONS.index(p.suffix.lower())):
             self.masks.setdefault(p.stem, p)  # x.png wins over x.jpg when both are there
@@ -64,7 +65,7 @@ class MaskFolderDataset(FileListDataset):
         if mpath is None:
             raise FileNotFoundError(f"{path}: no mask {sid}.png in {self.masks_dir}")
         if sid not in set(skip_ann_ids):
-            m = formats.read_binary_mask(mpath, self.threshold)
+            m = read_binary_mask(mpath, self.threshold)
             if m.shape != (h, w):
                 raise ValueError(f"{mpath}: mask is {m.shape[0]}x{m.shape[1]}, image is {h}x{w}")
             masks, ids = [m], [sid]
@@ -80,7 +81,7 @@ class MaskFolderDataset(FileListDataset):
         if mpath is None:
             return [Problem(str(path), "missing_mask", f"no mask {sid}.* in {self.masks_dir}", index=i)]
         try:
-            m = formats.read_binary_mask(mpath, self.threshold)
+            m = read_binary_mask(mpath, self.threshold)
         except formats.ImageReadError as e:
             return [Problem(str(mpath), "mask_unreadable", str(e).split(": ", 1)[-1], index=i, ann_id=sid)]
         if m.shape != (h, w):

@@ -34,6 +34,8 @@ import numpy as np
 
 from sum.data import formats
 from sum.data.coco import mask_to_annotation, write_coco
+from sum.data.image_files import write_image
+from sum.data.labelme import labelme_shape_to_polygon, read_labelme_json
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +115,10 @@ def convert_labelme_json(src: Path) -> Iterator[RawImage]:
     if not jsons:
         raise FileNotFoundError(f"{folder}: no labelme JSON files")
     for jpath in jsons:
-        image_path, h, w, shapes = formats.read_labelme_json(jpath)
+        image_path, h, w, shapes = read_labelme_json(jpath)
         groups: dict = {}
         for k, shape in enumerate(shapes):
-            poly = formats.labelme_shape_to_polygon(shape, where=f"{jpath}: shapes[{k}]")
+            poly = labelme_shape_to_polygon(shape, where=f"{jpath}: shapes[{k}]")
             gid = shape.get("group_id")
             key = (shape.get("label", "object"), gid) if gid is not None else ("", k)
             groups.setdefault(key, (str(shape.get("label", "object")), []))[1].append(poly)
@@ -284,7 +286,7 @@ def write_benchmark(
                 shutil.copyfile(src / rec.image_member, dest)
                 h, w = formats.image_size(dest)
             else:
-                formats.write_image(dest, rec.image)
+                write_image(dest, rec.image)
                 h, w = rec.image.shape[:2]
             for mask, cat in zip(rec.masks, rec.categories):
                 if mask.shape != (h, w):

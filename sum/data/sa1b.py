@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from sum.data import formats
+from sum.data.image_files import find_images
 from sum.data.sample import FileListDataset, Problem, Sample, annotation_problems, make_sample
 
 
@@ -35,7 +36,7 @@ class Sa1bDataset(FileListDataset):
             raise FileNotFoundError(f"{self.json_dir}: SA-1B JSON folder not found")
         self.files = sorted(p for p in self.json_dir.iterdir() if p.is_file() and p.suffix.lower() == ".json")
         self._images: dict[str, list[Path]] = defaultdict(list)
-        for p in formats.find_images(self.images_dir):
+        for p in find_images(self.images_dir):
             self._images[p.stem].append(p)
         self.name = name or self.json_dir.name
         self._cache: tuple[int, tuple[dict, list[dict]]] | None = None
