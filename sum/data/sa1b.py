@@ -22,7 +22,8 @@ class Sa1bDataset(FileListDataset):
     """
 
     def __init__(
-        self, images_dir: str | os.PathLike, json_dir: str | os.PathLike, task: str | int = "unspecified", name: str = ""
+        self,
+        images_dir: str | os.PathLike, json_dir: str | os.PathLike, task: str | int = "unspecified", name: str = "",
     ):
         self.images_dir = Path(images_dir)
         self.json_dir = Path(json_dir)
