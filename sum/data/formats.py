@@ -145,7 +145,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         raise ImageReadError(f"{path}: image file not found")
     try:
         if path.suffix.lower() in TIFF_EXTENSIONS:
-            import tifffile
+            import tifffile  # TIFF files only
 
             with tifffile.TiffFile(path) as tf:
                 shape = tf.pages[0].shape
@@ -349,7 +349,7 @@ def load_coco(path: str | os.PathLike):
     Raises:
         FileNotFoundError / ValueError: one line naming the file (missing, not JSON, missing keys).
     """
-    from pycocotools.coco import COCO
+    from pycocotools.coco import COCO  # heavy (matplotlib), and only where COCO is read
 
     doc = read_json(path)
     check_coco_structure(doc, path)

@@ -117,7 +117,7 @@ def _label_image_to_masks(labels: np.ndarray) -> list[np.ndarray]:
 
 def convert_stardist(src: Path) -> Iterator[RawImage]:
     """stardist's DSB2018 nuclei: uint16 image + label image (one instance per label value)."""
-    import tifffile
+    import tifffile  # this source's TIFF files only
 
     img_member, mask_member = "images/img2d.tif", "images/mask2d.tif"
     image = formats.read_image(src / img_member)
