@@ -349,7 +349,7 @@ def load_coco(path: str | os.PathLike):
     Raises:
         FileNotFoundError / ValueError: one line naming the file (missing, not JSON, missing keys).
     """
-    from pycocotools.coco import COCO  # heavy (matplotlib), and only where COCO is read
+    from pycocotools.coco import COCO  # only where a COCO JSON is read (optional, as in the style guide)
 
     doc = read_json(path)
     check_coco_structure(doc, path)
