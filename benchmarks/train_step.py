@@ -56,7 +56,8 @@ import torch.nn.functional as F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from sum.config import ModelConfig, WorldSetConfig  # noqa: E402
-from sum.data.dataset import CocoDataset, Sample  # noqa: E402
+from sum.data.dataset import CocoDataset  # noqa: E402
+from sum.data.sample import Sample  # noqa: E402
 from sum.data.synthetic import generate_set  # noqa: E402
 from sum.model.build import build_sum_model  # noqa: E402
 from sum.model.checkpoint import load_checkpoint  # noqa: E402

@@ -24,7 +24,8 @@ import pytest
 
 import sum.data.acquire as acq
 from sum.config import AcquireConfig, SourceConfig
-from sum.data.acquire import AcquireError, acquire
+from sum.data.acquire import acquire
+from sum.data.acquire_common import AcquireError
 from sum.data.manifest import MANIFEST_NAME, read_manifest, verify_manifest
 from sum.io import FetchError, S3Options
 

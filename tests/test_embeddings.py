@@ -9,7 +9,8 @@ import torch
 
 from sum.config import DatasetConfig, WorldSetConfig
 from sum.data.dataset import build_dataset
-from sum.data.formats import read_image, write_image
+from sum.data.formats import read_image
+from sum.data.image_files import write_image
 from sum.data.synthetic import generate_set
 from sum.model.checkpoint import load_model
 from sum.model.embeddings import EmbeddingCache, embed_datasets, embedding_file

@@ -19,10 +19,12 @@ from pycocotools import mask as mask_utils
 import sum.config as sc
 from sum.data.dataset import CocoDataset
 from sum.data.formats import masks_to_boxes
-from sum.eval import evaluate as ev_mod
+from sum.eval import scoring as ev_mod
 from sum.eval.clicker import first_click, next_click
 from sum.eval.metrics import area_band
-from sum.eval.evaluate import run_evaluate, run_protocol, select_targets, task_prompts
+from sum.eval.evaluate import run_evaluate
+from sum.eval.protocol import select_targets, task_prompts
+from sum.eval.scoring import run_protocol
 from sum.model.predictor import SumPredictor
 from conftest import api_boundary_iou
 

@@ -14,7 +14,9 @@ from pycocotools import mask as mask_utils
 from sum.config import DatasetConfig
 from sum.data import formats
 from sum.data.coco import encode_rle, mask_to_annotation, write_coco
-from sum.data.dataset import CocoDataset, MaskFolderDataset, Sa1bDataset, build_dataset
+from sum.data.dataset import CocoDataset, build_dataset
+from sum.data.mask_folder import MaskFolderDataset
+from sum.data.sa1b import Sa1bDataset
 
 
 def random_masks(rng, k, h, w) -> np.ndarray:

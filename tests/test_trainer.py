@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import sum.config as sc
-from sum.data.dataset import CocoDataset, Sample
+from sum.data.dataset import CocoDataset
+from sum.data.sample import Sample
 from sum.model.predictor import ImageEmbedding
 from sum.train import rounds as train_rounds
 from sum.train import trainer as tr

@@ -13,7 +13,9 @@ from PIL import Image
 from sum.config import DataConfig, DatasetConfig, ValidateConfig
 from sum.data import formats
 from sum.data.coco import encode_rle, mask_to_annotation, write_coco
-from sum.data.dataset import CocoDataset, MaskFolderDataset, Sa1bDataset
+from sum.data.dataset import CocoDataset
+from sum.data.mask_folder import MaskFolderDataset
+from sum.data.sa1b import Sa1bDataset
 from sum.data.validate import DataValidationError, validate_config, validate_dataset
 
 H, W = 24, 32

@@ -78,3 +78,20 @@ def write_coco(
     }
     atomic_write_text(path, json.dumps(doc, separators=(",", ":")))
     return Path(path)
+
+
+def check_coco_structure(doc: Any, path: str | os.PathLike) -> None:
+    """Raise one ValueError line naming ``path`` unless ``doc`` has COCO's required keys."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: COCO JSON is a {type(doc).__name__}, expected an object")  # noqa: TRY004
+    for key in ("images", "annotations"):
+        if not isinstance(doc.get(key), list):
+            raise ValueError(f"{path}: COCO JSON has no list {key!r}")  # noqa: TRY004
+    for i, img in enumerate(doc["images"]):
+        for key in ("id", "file_name", "height", "width"):
+            if not isinstance(img, dict) or key not in img:
+                raise ValueError(f"{path}: images[{i}] has no {key!r}")
+    for i, ann in enumerate(doc["annotations"]):
+        for key in ("id", "image_id"):
+            if not isinstance(ann, dict) or key not in ann:
+                raise ValueError(f"{path}: annotations[{i}] has no {key!r}")

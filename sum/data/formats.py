@@ -2,9 +2,10 @@
 
 - images: any PIL-readable file or TIFF, always returned as (H, W, 3) uint8 RGB;
 - COCO instance JSON (polygons, compressed or uncompressed RLE) through pycocotools;
-- binary mask PNGs of the HQSeg-44K folders (foreground ``> 128``, spec §3.1);
-- SA-1B per-image JSON (``{"image": {...}, "annotations": [...]}``);
-- labelme polygon JSON.
+- SA-1B per-image JSON (``{"image": {...}, "annotations": [...]}``).
+
+Binary mask files, image bytes, writing and listing images are in `sum.data.image_files`; labelme
+JSON in `sum.data.labelme`.
 
 Every reader fails with one line naming the file. RLE and polygon checks (`rle_problem`,
 `polygon_problem`) inspect the encoding without decoding the mask, so validation stays cheap, and
@@ -17,7 +18,7 @@ import contextlib
 import io
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from sum.data.coco import encode_rle, mask_to_annotation
+from sum.data.coco import check_coco_structure, encode_rle, mask_to_annotation
 from sum.io import atomic_write_text
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -85,12 +86,13 @@ def to_rgb_uint8(arr: np.ndarray, path: str | os.PathLike = "<array>") -> np.nda
     return np.ascontiguousarray(arr)
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def _pil_array(source) -> np.ndarray:
+def pil_array(source) -> np.ndarray:
     """Pixels of a PIL-readable image (a path or a file object): 16-bit and float modes as they
     are, everything else as RGB."""
     with Image.open(source) as im:
@@ -114,37 +116,26 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         ImageReadError: one line naming the file when it is missing or does not decode.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"{path}: image file not found")
-    try:
-        if path.suffix.lower() in TIFF_EXTENSIONS:
-            import tifffile
-
-            arr = tifffile.imread(path, key=0)
-        else:
-            arr = _pil_array(path)
-    except Exception as e:  # noqa: BLE001 (PIL and tifffile raise many types)
-        raise ImageReadError(f"{path}: cannot decode image ({_one_line(e)})") from None
-    return to_rgb_uint8(arr, path)
+    return to_rgb_uint8(file_pixels(path, "image", pil_array), path)
 
 
-def decode_image(data: bytes, name: str = "<bytes>", formats: Sequence[str] = ("PNG", "JPEG")) -> np.ndarray:
-    """Decode encoded image bytes (PNG or JPEG by default) to (H, W, 3) uint8 RGB, as `read_image`.
+def file_pixels(path: Path, what: str, read_pil: Callable[[Path], np.ndarray]) -> np.ndarray:
+    """The pixel array of an image or mask file: the first page of a TIFF, else ``read_pil(path)``.
 
     Raises:
-        ImageReadError: one line naming ``name`` when the bytes are not an image of ``formats``.
+        ImageReadError: one line naming the file and ``what`` it is when it is missing or does
+            not decode.
     """
+    if not path.is_file():
+        raise ImageReadError(f"{path}: {what} file not found")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            kind = im.format
-        if kind not in formats:
-            raise ImageReadError(f"{name}: a {kind} image, expected {' or '.join(formats)}")
-        arr = _pil_array(io.BytesIO(data))
-    except ImageReadError:
-        raise
-    except Exception as e:  # noqa: BLE001 (PIL raises many types)
-        raise ImageReadError(f"{name}: cannot decode image ({_one_line(e)})") from None
-    return to_rgb_uint8(arr, name)
+        if path.suffix.lower() in TIFF_EXTENSIONS:
+            import tifffile  # TIFF files only
+
+            return tifffile.imread(path, key=0)
+        return read_pil(path)
+    except Exception as e:  # noqa: BLE001 (PIL and tifffile raise many types)
+        raise ImageReadError(f"{path}: cannot decode {what} ({one_line(e)})") from None
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -154,7 +145,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         raise ImageReadError(f"{path}: image file not found")
     try:
         if path.suffix.lower() in TIFF_EXTENSIONS:
-            import tifffile
+            import tifffile  # TIFF files only
 
             with tifffile.TiffFile(path) as tf:
                 shape = tf.pages[0].shape
@@ -164,58 +155,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.height, im.width
     except Exception as e:  # noqa: BLE001 (PIL and tifffile raise many types)
-        raise ImageReadError(f"{path}: cannot read image header ({_one_line(e)})") from None
-
-
-def write_image(path: str | os.PathLike, image_hw3: np.ndarray) -> Path:
-    """Write an (H, W, 3) uint8 image atomically; the format follows the suffix (PNG is lossless)."""
-    from sum.io import atomic_path
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        Image.fromarray(image_hw3).save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
-    return path
-
-
-def find_images(folder: str | os.PathLike, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> list[Path]:
-    """Image files directly in ``folder`` (not recursive), sorted by name."""
-    exts = {e.lower() for e in extensions}
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: image folder not found")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts)
-
-
-# ---------------------------------------------------------------------------------------------
-# binary mask files (HQSeg-44K folders)
-
-
-def read_binary_mask(path: str | os.PathLike, threshold: int = MASK_THRESHOLD) -> np.ndarray:
-    """A mask image -> (H, W) bool, foreground ``> threshold`` (first channel if it has several).
-
-    16-bit masks are compared against ``threshold`` scaled to 16 bits.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"{path}: mask file not found")
-    try:
-        if path.suffix.lower() in TIFF_EXTENSIONS:
-            import tifffile
-
-            arr = tifffile.imread(path, key=0)
-        else:
-            with Image.open(path) as im:
-                im.load()
-                arr = np.asarray(im.convert("L") if im.mode == "P" else im)
-    except Exception as e:  # noqa: BLE001 (PIL and tifffile raise many types)
-        raise ImageReadError(f"{path}: cannot decode mask ({_one_line(e)})") from None
-    if arr.ndim == 3:
-        arr = arr[..., 0]
-    if arr.dtype == np.bool_:
-        return arr.copy()
-    if arr.dtype == np.uint16:
-        return arr > threshold * 257
-    return arr > threshold
+        raise ImageReadError(f"{path}: cannot read image header ({one_line(e)})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,24 +340,7 @@ def read_json(path: str | os.PathLike) -> Any:
         with open(path, "rb") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({_one_line(e)})") from None
-
-
-def check_coco_structure(doc: Any, path: str | os.PathLike) -> None:
-    """Raise one ValueError line naming ``path`` unless ``doc`` has COCO's required keys."""
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: COCO JSON is a {type(doc).__name__}, expected an object")  # noqa: TRY004
-    for key in ("images", "annotations"):
-        if not isinstance(doc.get(key), list):
-            raise ValueError(f"{path}: COCO JSON has no list {key!r}")  # noqa: TRY004
-    for i, img in enumerate(doc["images"]):
-        for key in ("id", "file_name", "height", "width"):
-            if not isinstance(img, dict) or key not in img:
-                raise ValueError(f"{path}: images[{i}] has no {key!r}")
-    for i, ann in enumerate(doc["annotations"]):
-        for key in ("id", "image_id"):
-            if not isinstance(ann, dict) or key not in ann:
-                raise ValueError(f"{path}: annotations[{i}] has no {key!r}")
+        raise ValueError(f"{path}: not valid JSON ({one_line(e)})") from None
 
 
 def load_coco(path: str | os.PathLike):
@@ -426,7 +349,7 @@ def load_coco(path: str | os.PathLike):
     Raises:
         FileNotFoundError / ValueError: one line naming the file (missing, not JSON, missing keys).
     """
-    from pycocotools.coco import COCO
+    from pycocotools.coco import COCO  # only where a COCO JSON is read (optional, as in the style guide)
 
     doc = read_json(path)
     check_coco_structure(doc, path)
@@ -495,34 +418,3 @@ def read_sa1b_json(path: str | os.PathLike) -> tuple[dict, list[dict]]:
         if not isinstance(ann, dict) or "segmentation" not in ann:
             raise ValueError(f"{path}: annotations[{i}] has no 'segmentation'")
     return doc["image"], anns
-
-
-# ---------------------------------------------------------------------------------------------
-# labelme JSON
-
-
-def read_labelme_json(path: str | os.PathLike) -> tuple[str, int, int, list[dict]]:
-    """(imagePath, imageHeight, imageWidth, shapes) of a labelme annotation file."""
-    doc = read_json(path)
-    for key in ("imagePath", "imageHeight", "imageWidth", "shapes"):
-        if not isinstance(doc, dict) or key not in doc:
-            raise ValueError(f"{path}: labelme JSON has no {key!r}")
-    return str(doc["imagePath"]), int(doc["imageHeight"]), int(doc["imageWidth"]), list(doc["shapes"])
-
-
-def labelme_shape_to_polygon(shape: dict, where: str = "<shape>") -> list[float]:
-    """A labelme shape (polygon, rectangle, circle) -> flat COCO polygon [x0, y0, x1, y1, ...]."""
-    kind = shape.get("shape_type") or "polygon"
-    pts = np.asarray(shape.get("points", []), np.float64).reshape(-1, 2)
-    if kind == "polygon" and len(pts) >= 3:
-        poly = pts
-    elif kind == "rectangle" and len(pts) == 2:
-        (x0, y0), (x1, y1) = pts
-        poly = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
-    elif kind == "circle" and len(pts) == 2:
-        r = float(np.hypot(*(pts[1] - pts[0])))
-        t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
-        poly = pts[0] + r * np.stack([np.cos(t), np.sin(t)], axis=1)
-    else:
-        raise ValueError(f"{where}: labelme shape_type {kind!r} with {len(pts)} points is not an area")
-    return [float(v) for v in poly.reshape(-1)]

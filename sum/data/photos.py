@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 
 from sum.data.coco import write_coco
-from sum.data.formats import read_image, write_image
+from sum.data.formats import read_image
+from sum.data.image_files import write_image
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,13 @@ every set) are object kinds (``bicycle``), stuff (``sky``) and parts (``bicycle:
 
 from __future__ import annotations
 
+import json
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -40,6 +43,7 @@ from sum.config import WorldConfig, WorldSetConfig
 from sum.data.coco import decode_rle, mask_to_annotation, write_coco
 from sum.data.world import STYLES, categories, render_scene
 from sum.io import atomic_write_bytes
+from sum.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +89,6 @@ def _image_job(job: _Job) -> dict:
 
 
 def _map(jobs: Sequence[_Job], workers: int) -> List[dict]:
-    import multiprocessing as mp
-    import threading
-
     # Forking a process that runs other threads (a server, a Dask client, a test harness) can copy
     # a lock one of them holds and deadlock the children, and spawn would need an
     # `if __name__ == "__main__"` guard in every caller's script: so fork only a single-threaded
@@ -209,8 +210,6 @@ def generate_world(cfg: WorldConfig, workers: int = 2, sheet_path: Optional[Unio
 def run_world(cfg) -> Dict[str, Path]:
     """The ``world`` stage: `generate_world` of ``cfg.data.world``, logged as an MLflow child run
     (the world's config as params, the contact sheet as an artifact)."""
-    from sum.tracking import stage_run
-
     # no system-metrics thread: the render workers are forked
     with stage_run(cfg.tracking, "world", params={"data.world": cfg.data.world}, system_metrics=False) as tracker:
         paths = generate_world(cfg.data.world)
@@ -251,8 +250,6 @@ def _overlay(image: np.ndarray, masks: List[np.ndarray], dim_rest: bool) -> np.n
 
 
 def _read_coco(path: Path) -> Optional[dict]:
-    import json
-
     return json.loads(path.read_text()) if path.is_file() else None
 
 

@@ -13,13 +13,15 @@ writes the counts as a DVC metrics file.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sum.data.dataset import DatasetView, Problem, SegDataset, build_dataset
+from sum.data.dataset import build_dataset
+from sum.data.sample import DatasetView, Problem, SegDataset
 from sum.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -101,8 +103,6 @@ class ValidationReport:
 
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write `to_dict` as JSON atomically."""
-        import json
-
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return Path(path)
 
@@ -172,8 +172,6 @@ def validate_config(data_cfg, out: str | os.PathLike | None = "metrics/validate.
     Raises:
         DataValidationError: in fail mode, naming the first bad file of the first bad dataset.
     """
-    import json
-
     mode = data_cfg.validate.mode
     if mode not in MODES:
         raise ValueError(f"data.validate.mode {mode!r}: expected one of {list(MODES)}")

@@ -13,25 +13,18 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from sum.config import Config
-from sum.io import atomic_path, atomic_write_text
+from sum.data.dataset import build_dataset, select_datasets
+from sum.eval.clicker import first_click
+from sum.eval.metrics import mask_iou
+from sum.eval.panels import save_panel
+from sum.io import S3Options, atomic_write_text
+from sum.model.checkpoint import load_model
+from sum.model.predictor import SumPredictor
 
 log = logging.getLogger(__name__)
-
-
-def _overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Colour each mask (K, H, W) over the image, with outlines."""
-    import cv2
-
-    out = image.astype(np.float32).copy()
-    rng = np.random.default_rng(0)
-    for m in masks:
-        colour = rng.integers(40, 255, size=3).astype(np.float32)
-        out[m] = (1 - alpha) * out[m] + alpha * colour
-        contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(out, contours, -1, colour.tolist(), 1)
-    return out.clip(0, 255).astype(np.uint8)
 
 
 def demo_dataset(predictor, dataset, max_images: int, max_masks: int):
@@ -40,9 +33,6 @@ def demo_dataset(predictor, dataset, max_images: int, max_masks: int):
     Returns:
         (per-mask records, panel rows): records hold IoU of the predicted-best and oracle outputs.
     """
-    from sum.eval.clicker import first_click
-    from sum.eval.metrics import mask_iou
-
     records, rows = [], []
     for i in range(min(max_images, len(dataset))):
         s = dataset[i]
@@ -66,48 +56,16 @@ def demo_dataset(predictor, dataset, max_images: int, max_masks: int):
     return records, rows
 
 
-def save_panel(rows_by_dataset: dict, path: Path) -> None:
-    """PNG panel: one row per image, ground truth beside the model's 1-click masks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [(name, r) for name, rs in rows_by_dataset.items() for r in rs]
-    fig, axes = plt.subplots(len(rows), 2, figsize=(8, 3.6 * len(rows)), squeeze=False)
-    for ax_row, (name, (image, gt, pred, clicks)) in zip(axes, rows):
-        ax_row[0].imshow(_overlay(image, gt))
-        ax_row[0].set_title(f"{name}: ground truth", fontsize=9)
-        ax_row[1].imshow(_overlay(image, pred))
-        ax_row[1].scatter(clicks[:, 0], clicks[:, 1], c="lime", s=30, marker="*", edgecolors="black")
-        ax_row[1].set_title("1 click (star): predicted mask", fontsize=9)
-        for ax in ax_row:
-            ax.axis("off")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-
-
 def run_demo(cfg: Config) -> dict:
     """The ``demo`` stage: 1-click masks of ``cfg.model`` on the configured benchmarks.
 
     Writes ``<eval.demo.out_dir>/panel.png`` and the metrics JSON ``eval.demo.metrics``.
     """
-    import torch
-
-    from sum.data.dataset import build_dataset
-    from sum.io import S3Options
-    from sum.model.checkpoint import load_model
-    from sum.model.predictor import SumPredictor
-
     demo = cfg.eval.demo
     names = list(demo.datasets) or [n for n, d in cfg.data.datasets.items() if d.role == "benchmark"]
     if not names:
         raise ValueError("eval.demo.datasets: no benchmark datasets configured in data.datasets")
-    unknown = [n for n in names if n not in cfg.data.datasets]
-    if unknown:
-        raise ValueError(f"eval.demo.datasets: unknown dataset(s) {unknown}; known: {sorted(cfg.data.datasets)}")
+    names = select_datasets(cfg.data.datasets, names, "eval.demo.datasets")
 
     torch.manual_seed(0)
     model = load_model(cfg.model, s3=S3Options.from_config(cfg.storage.s3))

@@ -1,6 +1,6 @@
 """Reports of the ``evaluate`` stage: metrics JSON, curves, the paper-style table, panels (spec §10-11).
 
-Everything here turns `sum.eval.evaluate.summarise`'s nested dict (model -> protocol -> per-round
+Everything here turns `sum.eval.loop.summarise`'s nested dict (model -> protocol -> per-round
 aggregates) into files, written atomically:
 
 - ``eval.metrics`` (DVC metrics): ``{model: {protocol: {"overall": {...}, "tasks": {task: {...}},
@@ -40,7 +40,9 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from sum.eval.metrics import area_band, band_labels
-from sum.io import atomic_path, atomic_write_text
+from sum.eval.panels import save_panels
+from sum.eval.stats import paired_deltas
+from sum.io import atomic_write_text
 
 CURVE_X = {"point": "clicks", "box": "round"}
 METRIC_LABEL = {"miou": "mIoU", "mbiou": "mBIoU"}
@@ -310,60 +312,6 @@ def per_mask_rows(records) -> tuple[List[str], List[List]]:
     return header, rows
 
 
-def save_panels(panels, out_dir: Path) -> List[Path]:
-    """One PNG per benchmark. Each image takes two columns: the image and its targets on top,
-    then one row per model with its masks after rounds 1 and 3 and the clicks given so far
-    (green positive, red negative)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from sum.eval.demo import _overlay
-
-    by_dataset: Dict[str, list] = {}
-    for p in panels:
-        by_dataset.setdefault(p.dataset, []).append(p)
-    paths = []
-    for name, images in by_dataset.items():
-        models = list(images[0].masks)
-        rounds = sorted(images[0].masks[models[0]]) if models else []
-        n_cols = max(2, len(rounds)) * len(images)
-        fig, axes = plt.subplots(1 + len(models), n_cols, figsize=(2.4 * n_cols, 2.1 * (1 + len(models))), squeeze=False)
-        for ax in axes.flat:
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-        width = n_cols // len(images)
-        for i, p in enumerate(images):
-            c0 = i * width
-            axes[0, c0].imshow(p.image)
-            axes[0, c0].set_title(f"{name} / {p.image_id}", fontsize=7)
-            axes[0, c0 + 1].imshow(_overlay(p.image, p.gt_khw))
-            axes[0, c0 + 1].set_title(f"ground truth ({len(p.gt_khw)} masks)", fontsize=7)
-            for row, m in enumerate(models, start=1):
-                for j, r in enumerate(rounds):
-                    ax = axes[row, c0 + j]
-                    ax.imshow(_overlay(p.image, p.masks[m][r]))
-                    clicks = [c for per_target in p.clicks[m][r] for c in per_target]
-                    if clicks:
-                        xy = np.array([(c.x, c.y) for c in clicks])
-                        colour = ["lime" if c.label == 1 else "red" for c in clicks]
-                        ax.scatter(xy[:, 0], xy[:, 1], c=colour, s=12, edgecolors="black", linewidths=0.5)
-                    unit = "click" if p.protocol == "point" else "round"
-                    ax.set_title(f"{p.protocol}, {r} {unit}{'s' if r > 1 else ''}", fontsize=7)
-                    if c0 + j == 0:
-                        ax.set_ylabel(m, fontsize=8)
-        fig.tight_layout()
-        path = out_dir / "panels" / f"{name}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=60)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
 def reference_model(ev) -> str:
     """The model the others are compared with: ``eval.reference``, or the first of ``eval.models``."""
     return ev.reference or next(iter(ev.models))
@@ -372,8 +320,6 @@ def reference_model(ev) -> str:
 def compare_to_reference(records, dataset_task: Dict[str, str], ev) -> Dict:
     """``{metric: {protocol: paired_deltas(...)}}`` for IoU and boundary IoU on every protocol the
     reference ran; {} when ``eval.bootstrap`` is 0 or only the reference was scored."""
-    from sum.eval.stats import paired_deltas
-
     reference = reference_model(ev)
     if ev.bootstrap == 0 or not any(r.model != reference for r in records):
         return {}

@@ -98,7 +98,7 @@ def paired_deltas(
     """Every other model's paired difference to ``reference`` on ``protocol`` (module docstring).
 
     Arguments:
-      records: `sum.eval.evaluate.MaskRecord`-like objects (``model, protocol, dataset, image_id,
+      records: `sum.eval.scoring.MaskRecord`-like objects (``model, protocol, dataset, image_id,
         ann_id`` and a per-round list under ``metric``).
       dataset_task: benchmark name -> task; its order is the order of the task keys.
       reference: the model the others are compared with (normally the foundation model).
@@ -146,20 +146,7 @@ def paired_deltas(
                     f"{protocol}: model {model!r} and reference {reference!r} were scored on different "
                     f"masks of {d!r} (e.g. image/mask {missing}); a paired comparison needs the same targets"
                 )
-            diffs: Dict[str, List[np.ndarray]] = {}
-            for (image_id, ann_id), values in ref[d].items():
-                diffs.setdefault(image_id, []).append(mine[d][(image_id, ann_id)] - values)
-            sums = np.stack([np.sum(v, axis=0) for v in diffs.values()])
-            counts = np.array([len(v) for v in diffs.values()], dtype=np.float64)
-            point[d] = sums.sum(axis=0) / counts.sum()
-            if samples == 0:
-                reps[d] = point[d][None, :]
-            elif len(counts) == 1:
-                reps[d] = np.full((samples, sums.shape[1]), np.nan)
-            else:
-                widen = np.sqrt(len(counts) / (len(counts) - 1))
-                reps[d] = point[d] + widen * (image_bootstrap(sums, counts, samples, rng) - point[d])
-            images[d], masks[d] = len(counts), int(counts.sum())
+            point[d], reps[d], images[d], masks[d] = _dataset_deltas(ref[d], mine[d], samples, rng)
         scopes = {t: [d for d in datasets if dataset_task[d] == t] for t in tasks}
         scopes["overall"] = datasets
         out[model] = {}
@@ -173,3 +160,24 @@ def paired_deltas(
                 Delta(float(e), float(a), float(b), n_img, n_mask) for e, a, b in zip(est, lo, hi)
             ]
     return out
+
+
+def _dataset_deltas(
+    ref_d: Mapping[tuple, np.ndarray], mine_d: Mapping[tuple, np.ndarray], samples: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """One benchmark of `paired_deltas`: the mean per-round difference over its masks, its
+    ``samples`` image-bootstrap replicates (module docstring), and its numbers of images and masks."""
+    diffs: Dict[str, List[np.ndarray]] = {}
+    for (image_id, ann_id), values in ref_d.items():
+        diffs.setdefault(image_id, []).append(mine_d[(image_id, ann_id)] - values)
+    sums = np.stack([np.sum(v, axis=0) for v in diffs.values()])
+    counts = np.array([len(v) for v in diffs.values()], dtype=np.float64)
+    point = sums.sum(axis=0) / counts.sum()
+    if samples == 0:
+        reps = point[None, :]
+    elif len(counts) == 1:
+        reps = np.full((samples, sums.shape[1]), np.nan)
+    else:
+        widen = np.sqrt(len(counts) / (len(counts) - 1))
+        reps = point + widen * (image_bootstrap(sums, counts, samples, rng) - point)
+    return point, reps, len(counts), int(counts.sum())

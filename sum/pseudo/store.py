@@ -40,7 +40,7 @@ from typing import Any, Optional
 import numpy as np
 
 from sum.data import formats
-from sum.data.dataset import Problem, SegDataset, Sample
+from sum.data.sample import Problem, SegDataset, Sample
 from sum.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)

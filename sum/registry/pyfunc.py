@@ -112,7 +112,8 @@ def load_request_image(value: str, field: str, allow_paths: bool = True) -> np.n
     Raises:
       MlflowException: naming ``field`` when the value is no readable image.
     """
-    from sum.data.formats import ImageReadError, decode_image, read_image
+    from sum.data.formats import ImageReadError, read_image
+    from sum.data.image_files import decode_image
     from sum.io import FetchError, fetch
 
     try:

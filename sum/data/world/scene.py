@@ -23,8 +23,9 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
+from sum.data.world.canvas import Kit, ObjectCanvas
 from sum.data.world.materials import Fields, Material, Style, get_style, hsv, luminance, make_fields, shade
-from sum.data.world.objects import ASPECT, BUILDERS, PARTS, SIMPLE_KINDS, Kit, ObjectCanvas, has_parts
+from sum.data.world.objects import ASPECT, BUILDERS, PARTS, SIMPLE_KINDS, has_parts
 
 MIN_OBJECT_AREA = 64
 MIN_PART_AREA = 16

@@ -1,0 +1,205 @@
+"""The evaluation loop of the ``evaluate`` stage (spec §10): every model's protocols on every
+benchmark image (`evaluate_benchmarks`), with each image's embedding read from the cache or encoded
+once per encoder (`EmbeddingSource`), and the per-mask scores aggregated the paper's way
+(`summarise`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Collection, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from sum.eval.clicker import Click
+from sum.eval.metrics import aggregate, noc
+from sum.eval.protocol import NOC_THRESHOLDS, protocol_rounds, select_targets
+from sum.eval.scoring import EvalModel, MaskRecord, ProtocolResult, run_protocol
+from sum.model.embeddings import EmbeddingCache
+from sum.progress import progress_bar
+
+
+@dataclass
+class PanelRow:
+    """One panel image: the picture, its targets and each model's masks and clicks."""
+
+    dataset: str
+    image_id: str
+    image: np.ndarray
+    gt_khw: np.ndarray
+    protocol: str
+    masks: Dict[str, Dict[int, np.ndarray]] = field(default_factory=dict)  # model -> round -> (K, H, W)
+    clicks: Dict[str, Dict[int, List[List[Click]]]] = field(default_factory=dict)  # model -> round -> per target
+
+
+class EmbeddingSource:
+    """An image's embedding for each distinct encoder: from the `EmbeddingCache` when it was made
+    by that encoder (decoder-mode fine-tunes share the foundation's), else encoded here once."""
+
+    def __init__(self, cache_dir: str, models: Sequence[EvalModel]):
+        self.cache = EmbeddingCache(cache_dir)
+        self.groups: Dict[str, List[EvalModel]] = {}
+        for m in models:
+            self.groups.setdefault(m.fingerprint, []).append(m)
+        self.from_cache: Dict[tuple, bool] = {}
+        self.loaded = self.encoded = 0
+
+    def cached(self, dataset: str, fingerprint: str) -> bool:
+        key = (dataset, fingerprint)
+        if key not in self.from_cache:
+            try:
+                self.from_cache[key] = self.cache.index(dataset).get("fingerprint") == fingerprint
+            except FileNotFoundError:
+                self.from_cache[key] = False
+        return self.from_cache[key]
+
+    def embed(self, dataset: str, sample, fingerprint: str):
+        """The `ImageEmbedding` of ``sample`` for the encoder ``fingerprint``."""
+        if self.cached(dataset, fingerprint):
+            self.loaded += 1
+            return self.cache.load(dataset, sample.image_id, fingerprint=fingerprint, original_size=sample.image.shape[:2])
+        predictor = self.groups[fingerprint][0].predictor
+        predictor.set_image(sample.image)
+        self.encoded += 1
+        return predictor.get_embedding()
+
+
+def evaluate_benchmarks(
+    models: Sequence[EvalModel],
+    benchmarks: Dict[str, object],
+    dataset_task: Dict[str, str],
+    trained_tasks: Collection[str],
+    ev,
+    embeddings: EmbeddingSource,
+    autocast=None,
+    timings: Optional[Dict[str, float]] = None,
+):
+    """Run every model's protocols on every benchmark (module docstring).
+
+    Arguments:
+      models: `load_eval_models`' list.
+      benchmarks: name -> dataset (`build_dataset`).
+      dataset_task: name -> task name.
+      trained_tasks: task names of the labeled datasets (A3).
+      ev: the `EvalConfig`.
+      embeddings: where image embeddings come from.
+      autocast: the decoder's autocast context.
+      timings: accumulates seconds under ``data``, ``embeddings``, ``decoder``, ``metrics``.
+
+    Returns:
+      ``(records, panels)``: a `MaskRecord` per target, model and protocol, and the `PanelRow`s of
+      the first ``eval.n_panels`` evaluated images of each benchmark.
+    """
+    timings = timings if timings is not None else {}
+    for key in ("data", "embeddings", "decoder", "metrics"):
+        timings.setdefault(key, 0.0)
+    panel_protocol = "point" if "point" in ev.protocols else ev.protocols[0]
+    panel_rounds = sorted({1, min(3, protocol_rounds(ev, panel_protocol))})
+    records: List[MaskRecord] = []
+    panels: List[PanelRow] = []
+    for name, ds in benchmarks.items():
+        n_images = len(ds) if not ev.max_images else min(ev.max_images, len(ds))
+        n_panel = 0
+        for i in progress_bar(n_images, f"evaluate {name}", unit="img", iterable=range(n_images)):
+            t0 = time.perf_counter()
+            sample = ds[i]
+            targets = select_targets(sample.masks, ev.max_masks_per_image)
+            timings["data"] += time.perf_counter() - t0
+            if targets.size == 0:
+                continue
+            gt_khw = sample.masks[targets]
+            panel = None
+            if n_panel < ev.n_panels:
+                panel = PanelRow(name, sample.image_id, sample.image, gt_khw, panel_protocol)
+                panels.append(panel)
+                n_panel += 1
+            for fingerprint, group in embeddings.groups.items():
+                t0 = time.perf_counter()
+                emb = embeddings.embed(name, sample, fingerprint)
+                timings["embeddings"] += time.perf_counter() - t0
+                done: Dict[tuple, ProtocolResult] = {}  # identical prompting -> identical result
+                for m in group:
+                    m.predictor.set_embedding(emb)
+                    for protocol in m.protocols:
+                        rounds = protocol_rounds(ev, protocol)
+                        tps = m.task_prompts(dataset_task[name], trained_tasks, rounds)
+                        key = (id(m.predictor), protocol, tuple(tps))
+                        if key not in done:
+                            keep = panel_rounds if (panel is not None and protocol == panel_protocol) else ()
+                            done[key] = run_protocol(
+                                m.predictor, gt_khw, protocol, rounds, ev.selection, tps, keep,
+                                ev.boundary_width, autocast, ev.decoder,
+                            )
+                            timings["decoder"] += done[key].decoder_s
+                            timings["metrics"] += done[key].metrics_s
+                        res = done[key]
+                        if panel is not None and protocol == panel_protocol:
+                            panel.masks[m.name] = res.kept
+                            panel.clicks[m.name] = {
+                                r: [c[: res.clicks_at[j, r - 1]] for j, c in enumerate(res.clicks)] for r in res.kept
+                            }
+                        records += _mask_records(m.name, protocol, name, sample, targets, gt_khw, tps, res)
+    return records, panels
+
+
+def _mask_records(
+    model: str,
+    protocol: str,
+    dataset: str,
+    sample,
+    targets: np.ndarray,
+    gt_khw: np.ndarray,
+    tps: Sequence[int],
+    res: ProtocolResult,
+) -> List[MaskRecord]:
+    """A `MaskRecord` per target of one image under one model and protocol (NoC for ``point``)."""
+    records = []
+    for j, t in enumerate(targets):
+        rec = MaskRecord(
+            model=model,
+            protocol=protocol,
+            dataset=dataset,
+            image_id=str(sample.image_id),
+            ann_id=str(sample.ann_ids[t]) if len(sample.ann_ids) > t else str(t),
+            area=int(gt_khw[j].sum()),
+            image_area=int(gt_khw.shape[1] * gt_khw.shape[2]),
+            task_prompt=int(tps[0]),
+            iou=[float(v) for v in res.iou[j]],
+            biou=[float(v) for v in res.biou[j]],
+            clicks=list(res.clicks[j]),
+        )
+        if protocol == "point":
+            rec.noc = {k: noc(res.iou[j], thr) for k, thr in NOC_THRESHOLDS.items()}
+        records.append(rec)
+    return records
+
+
+def summarise(records: Sequence[MaskRecord], dataset_task: Dict[str, str]) -> Dict:
+    """Aggregate per-mask scores the paper's way (spec §10.2, `aggregate`), at every round.
+
+    Returns:
+      ``{model: {protocol: {"rounds": R, "n_masks": {dataset: n}, "miou": [per round
+      {"datasets", "tasks", "overall"}], "mbiou": [...], "noc85": {...}, "noc90": {...}}}}``
+      (NoC for the point protocol only); models and protocols in the order first seen.
+    """
+    groups: Dict[str, Dict[str, Dict[str, List[MaskRecord]]]] = {}
+    for rec in records:
+        groups.setdefault(rec.model, {}).setdefault(rec.protocol, {}).setdefault(rec.dataset, []).append(rec)
+    out: Dict = {}
+    for model, protocols in groups.items():
+        out[model] = {}
+        for protocol, by_dataset in protocols.items():
+            rounds = len(next(iter(by_dataset.values()))[0].iou)
+            tasks = {d: dataset_task[d] for d in by_dataset}
+            entry = {
+                "rounds": rounds,
+                "n_masks": {d: len(rs) for d, rs in by_dataset.items()},
+                "miou": [aggregate({d: [x.iou[r] for x in rs] for d, rs in by_dataset.items()}, tasks) for r in range(rounds)],
+                "mbiou": [aggregate({d: [x.biou[r] for x in rs] for d, rs in by_dataset.items()}, tasks) for r in range(rounds)],
+            }
+            if protocol == "point":
+                for key in NOC_THRESHOLDS:
+                    entry[key] = aggregate({d: [x.noc[key] for x in rs] for d, rs in by_dataset.items()}, tasks)
+            out[model][protocol] = entry
+    return out
