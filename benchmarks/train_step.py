@@ -109,12 +109,12 @@ def reference_loss(sam, batch, features, schedule, opts, img_size, loss_scale):
     the padded frame; fp32 (module docstring)."""
     import torch.nn.functional as F
 
-    from sum.train.losses import combined_loss
+    from sum.model.losses import combined_loss
+    from sum.data.prompts import sample_first_points
     from sum.train.sampling import (
         PROMPT_ERROR_POINT,
         add_jitter_to_boxes,
         sample_error_clicks,
-        sample_first_points,
         sample_first_prompt_is_box,
     )
     from sum.train.trainer import to_input_frame

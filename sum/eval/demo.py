@@ -41,7 +41,7 @@ def demo_dataset(predictor, dataset, max_images: int, max_masks: int):
         (per-mask records, panel rows): records hold IoU of the predicted-best and oracle outputs.
     """
     from sum.eval.clicker import first_click
-    from sum.eval.metrics import mask_iou
+    from sum.data.masks import mask_iou
 
     records, rows = [], []
     for i in range(min(max_images, len(dataset))):

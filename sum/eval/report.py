@@ -39,7 +39,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from sum.eval.metrics import area_band, band_labels
+from sum.data.masks import area_band, band_labels
 from sum.io import atomic_path, atomic_write_text
 
 CURVE_X = {"point": "clicks", "box": "round"}

@@ -81,15 +81,15 @@ from sum.train.data import (
     rank_slots,
     split_batch,
 )
-from sum.train.losses import combined_loss
+from sum.model.losses import combined_loss
 from sum.train.optim import build_optimizer, build_scheduler, set_trainable
+from sum.data.prompts import sample_first_points
 from sum.train.sampling import (
     PROMPT_ERROR_POINT,
     RoundSpec,
     add_jitter_to_boxes,
     round_schedule,
     sample_error_clicks,
-    sample_first_points,
     sample_first_prompt_is_box,
 )
 
@@ -729,7 +729,7 @@ def build_pools(cfg, method) -> Dict[str, Pool]:
     labeled = [(n, build_dataset(d, n)) for n, d in cfg.data.datasets.items() if d.role == "labeled"]
     unlabeled = []
     if method.use_unlabeled:
-        from sum.pseudo.store import PseudoLabelDataset
+        from sum.pseudo.dataset import PseudoLabelDataset
 
         for name, d in cfg.data.datasets.items():
             if d.role != "unlabeled":

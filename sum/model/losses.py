@@ -274,11 +274,7 @@ def combined_loss(
     *,
     is_pseudo_n: Optional[Tensor] = None,
     image_ids_n: Optional[Tensor] = None,
-    threshold: float = 0.6,
-    alpha: float = 0.25,
-    gamma: float = 2.0,
-    smooth: float = 1.0,
-    weights: LossWeights = LossWeights(),
+    **options,
 ) -> Dict[str, Tensor]:
     """Scalar loss of one round over a batch mixing labeled and pseudo-labeled masks (spec §5.5,
     §5.7, A4).
@@ -296,7 +292,8 @@ def combined_loss(
         means every row is treated as labeled (also the Vanilla baseline, spec §9).
       is_pseudo_n: (N,) bool, True for pseudo-labeled rows; None trusts ``certainty_n1hw``.
       image_ids_n: (N,) int, the image each mask comes from.
-      threshold, alpha, gamma, smooth, weights: as in ``sam_loss``.
+      options: ``threshold``, ``alpha``, ``gamma``, ``smooth``, ``weights``, passed to ``sam_loss``
+        (same defaults).
     Returns:
       dict of scalars ``loss``, ``mask``, ``focal``, ``dice``, ``iou`` (same meaning as in
       ``sam_loss``, averaged as above).
@@ -310,16 +307,6 @@ def combined_loss(
             certainty_n1hw,
             torch.ones_like(certainty_n1hw),
         )
-    per_sample = sam_loss(
-        logits_nmhw,
-        iou_pred_nm,
-        target_n1hw,
-        certainty_n1hw,
-        threshold=threshold,
-        alpha=alpha,
-        gamma=gamma,
-        smooth=smooth,
-        weights=weights,
-    )
+    per_sample = sam_loss(logits_nmhw, iou_pred_nm, target_n1hw, certainty_n1hw, **options)
     w_n = _per_image_weights(image_ids_n, n, logits_nmhw.device).to(per_sample["loss"].dtype)
     return {k: (w_n * per_sample[k]).sum() for k in ("loss", "mask", "focal", "dice", "iou")}
