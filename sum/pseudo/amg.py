@@ -338,13 +338,8 @@ class MaskGenerator:
         return F.interpolate(up, crop_size, mode="bilinear", align_corners=False)
 
     def _filter_upsampled(
-        self,
-        batch: MaskData,
-        input_size: Tuple[int, int],
-        crop_size: Tuple[int, int],
-        crop_box: List[int],
-        orig_size: Tuple[int, int],
-        low_res: int,
+        self, batch: MaskData, input_size: Tuple[int, int], crop_size: Tuple[int, int], crop_box: List[int],
+        orig_size: Tuple[int, int], low_res: int,
     ) -> List[MaskData]:
         """Stability filter, boxes, crop-edge filter and RLE of IoU survivors, upsampled
         ``upsample_batch`` at a time (the filters of SAM's ``_process_batch``).
