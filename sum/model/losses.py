@@ -119,10 +119,7 @@ def calc_iou(probs_n1hw: Tensor, target_n1hw: Tensor) -> Tensor:
 
 
 def uncertainty_aware_focal_loss(
-    logits_n1hw: Tensor,
-    target_n1hw: Tensor,
-    certainty_n1hw: Optional[Tensor] = None,
-    alpha: float = 0.25, gamma: float = 2.0,
+    logits_n1hw: Tensor, target_n1hw: Tensor, certainty_n1hw: Optional[Tensor] = None, alpha: float = 0.25, gamma: float = 2.0
 ) -> Tensor:
     """Uncertainty-aware focal loss, paper Eq. 1 (spec §5.3).
 
@@ -142,10 +139,7 @@ def uncertainty_aware_focal_loss(
 
 
 def uncertainty_aware_dice_loss(
-    logits_n1hw: Tensor,
-    target_n1hw: Tensor,
-    certainty_n1hw: Optional[Tensor] = None,
-    threshold: float = 0.6, smooth: float = 1.0,
+    logits_n1hw: Tensor, target_n1hw: Tensor, certainty_n1hw: Optional[Tensor] = None, threshold: float = 0.6, smooth: float = 1.0
 ) -> Tensor:
     """Uncertainty-aware Dice loss, paper Eq. 2 (spec §5.4).
 
