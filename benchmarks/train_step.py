@@ -15,7 +15,7 @@ so that each gets its own peak memory:
   (``postprocess_masks``-style upsampling, no crop), summed over the batch and back-propagated
   once, fp32 everywhere, the official attention. Its batches are `TrainStep.batch`'s.
   Data loading, prompt sampling and loss formulas are the repo's (`sum.train.sampling`,
-  `sum.train.losses`), so the comparison isolates the loop structure and precision.
+  `sum.model.losses`), so the comparison isolates the loop structure and precision.
 
 Parts:
 
@@ -57,16 +57,17 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from sum.config import ModelConfig, WorldSetConfig  # noqa: E402
 from sum.data.dataset import CocoDataset  # noqa: E402
+from sum.data.prompts import sample_first_points  # noqa: E402
 from sum.data.sample import Sample  # noqa: E402
 from sum.data.synthetic import generate_set  # noqa: E402
 from sum.model.build import build_sum_model  # noqa: E402
 from sum.model.checkpoint import load_checkpoint  # noqa: E402
 from sum.model.fast import enable_fast_path  # noqa: E402
+from sum.model.losses import combined_loss  # noqa: E402
 from sum.model.predictor import SumPredictor  # noqa: E402
 from sum.train.build import set_train_modes  # noqa: E402
 from sum.train.data import LABELED, UNLABELED, Pool, cached_features, global_batch, split_batch  # noqa: E402
 from sum.train.distributed import DistInfo  # noqa: E402
-from sum.train.losses import combined_loss  # noqa: E402
 from sum.train.optim import build_optimizer, set_trainable  # noqa: E402
 from sum.train.rounds import RoundOptions, to_input_frame  # noqa: E402
 from sum.train.sampling import (  # noqa: E402
@@ -74,7 +75,6 @@ from sum.train.sampling import (  # noqa: E402
     add_jitter_to_boxes,
     round_schedule,
     sample_error_clicks,
-    sample_first_points,
     sample_first_prompt_is_box,
 )
 from sum.train.trainer import TrainStep  # noqa: E402

@@ -93,7 +93,7 @@ def cmd_refine(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_uncertainty(cfg: Config, args: argparse.Namespace) -> None:
-    from sum.uncertainty.maps import run_uncertainty
+    from sum.uncertainty.stage import run_uncertainty
 
     run_uncertainty(cfg)
 
@@ -144,7 +144,7 @@ def cmd_pull(cfg: Config, args: argparse.Namespace) -> None:
 
 def cmd_export_sam(cfg: Config, args: argparse.Namespace) -> None:
     from sum.io import S3Options
-    from sum.model.checkpoint import export_sam
+    from sum.model.export import export_sam
 
     if not args.src or not args.out:
         raise SystemExit("sum export-sam: --src SUM_CHECKPOINT and --out SAM_STATE_DICT are required")

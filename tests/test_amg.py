@@ -10,7 +10,8 @@ from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
 
 from sum.model.build import build_sum_model
-from sum.pseudo.amg import MaskGenerator, PointBatchDecoder
+from sum.pseudo.amg import MaskGenerator
+from sum.pseudo.point_decoder import PointBatchDecoder
 
 FIELDS = {"segmentation", "area", "bbox", "predicted_iou", "stability_score", "point_coords", "crop_box", "low_res_logits"}
 

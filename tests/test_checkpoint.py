@@ -18,12 +18,12 @@ from sum.model.build import build_sum_model, task_prompt_keys
 from sum.model.checkpoint import (
     CheckpointError,
     build_model,
-    export_sam,
     load_checkpoint,
     load_sum_checkpoint,
     read_checkpoint,
     save_sum_checkpoint,
 )
+from sum.model.export import export_sam
 
 ACCESS_KEY = "AKIASUMTESTKEY7Q3Z"
 SECRET_KEY = "sum-test-secret-Xk29fQ"

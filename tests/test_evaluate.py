@@ -21,7 +21,7 @@ from sum.data.dataset import CocoDataset
 from sum.data.formats import masks_to_boxes
 from sum.eval import scoring as ev_mod
 from sum.eval.clicker import first_click, next_click
-from sum.eval.metrics import area_band
+from sum.data.masks import area_band
 from sum.eval.evaluate import run_evaluate
 from sum.eval.protocol import select_targets, task_prompts
 from sum.eval.scoring import run_protocol

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sum.train.losses import (
+from sum.model.losses import (
     LossWeights,
     calc_iou,
     combined_loss,

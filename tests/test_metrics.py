@@ -9,13 +9,12 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from pycocotools import mask as mask_utils
 
+from sum.data.masks import mask_iou, mask_iou_matrix
 from sum.eval.metrics import (
-    mask_iou_matrix,
     aggregate,
     boundary_dilation,
     boundary_iou,
     dataset_mean,
-    mask_iou,
     mask_iou_batch,
     mask_to_boundary,
     noc,

@@ -12,7 +12,8 @@ from PIL import Image
 
 from sum.data.coco import mask_to_annotation, write_coco
 from sum.pseudo.oracle import oracle_records, write_oracle_dataset, write_oracle_pool
-from sum.pseudo.store import PseudoLabelDataset, ShardImage, list_shards, read_shard_json, write_shard
+from sum.pseudo.dataset import PseudoLabelDataset
+from sum.pseudo.store import ShardImage, list_shards, read_shard_json, write_shard
 
 
 def _world(root, n_images=3):

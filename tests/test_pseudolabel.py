@@ -16,22 +16,21 @@ import pytest
 import torch
 from conftest import free_port, model_config
 
-from sum.config import Config, DatasetConfig, WorldSetConfig
+from sum.config import Config, DatasetConfig, EmbedConfig, PseudoConfig, WorldSetConfig
 from sum.data.coco import decode_rle
 from sum.data.synthetic import generate_set
 from sum.model.checkpoint import load_model
-from sum.model.embeddings import EmbedConfig, run_embed
-from sum.pseudo.run import PseudoConfig, pseudolabel
+from sum.model.lowres import upsample_low_res
+from sum.model.embeddings import run_embed
+from sum.pseudo.run import pseudolabel
+from sum.pseudo.dataset import PseudoLabelDataset, _input_size
 from sum.pseudo.store import (
     MASK_ID_STRIDE,
-    PseudoLabelDataset,
-    _input_size,
     iter_pseudo_labels,
     keep_by_ratio,
     list_shards,
     read_shard,
     select_masks,
-    upsample_low_res,
     write_npz,
 )
 
@@ -323,7 +322,7 @@ def test_pseudo_label_dataset(world, clean, tmp_path):
 
 def test_torch_threads_per_task_is_separate_from_dask_task_slots():
     from sum.config import PseudoConfig
-    from sum.pseudo.run import task_threads
+    from sum.pseudo.cluster import task_threads
 
     assert task_threads(PseudoConfig(threads_per_worker=3, torch_threads=0)) == 3
     assert task_threads(PseudoConfig(threads_per_worker=1, torch_threads=2)) == 2

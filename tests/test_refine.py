@@ -8,21 +8,10 @@ import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from sum.model.build import build_sum_model
-from sum.uncertainty.refine import (
-    ImageData,
-    Pair,
-    RefineConfig,
-    RefinementModule,
-    batch_loss,
-    load_refiner,
-    loss_frame,
-    pair_filter,
-    save_refiner,
-    select_pairs,
-    split_images,
-    target_frame,
-    train_refiner,
-)
+from sum.config import RefineConfig
+from sum.uncertainty.pairs import ImageData, Pair, pair_filter, select_pairs, split_images
+from sum.uncertainty.refine_train import batch_loss, loss_frame, target_frame, train_refiner
+from sum.uncertainty.refiner import RefinementModule, load_refiner, save_refiner
 
 
 def test_pair_filter_thresholds():
@@ -166,7 +155,7 @@ def test_folded_decoder_is_sams_decoder_forward_and_backward(tiny_cfg):
 
 
 def test_one_call_for_pairs_of_several_images_equals_one_call_per_image(tiny_cfg):
-    from sum.uncertainty.refine import _forward_groups
+    from sum.uncertainty.refine_train import _forward_groups
 
     refiner = _tiny_refiner(tiny_cfg).eval()
     rng = np.random.default_rng(3)
@@ -181,7 +170,7 @@ def test_one_call_for_pairs_of_several_images_equals_one_call_per_image(tiny_cfg
 
 def test_point_predictor_gives_sams_three_outputs(tiny_cfg):
     from sum.model.predictor import SumPredictor
-    from sum.uncertainty.refine import PointPredictor
+    from sum.uncertainty.pairs import PointPredictor
 
     torch.manual_seed(0)
     sam = build_sum_model(tiny_cfg).eval()
@@ -231,7 +220,7 @@ def test_bf16_training_decreases_the_loss_too(tiny_cfg):
 
 
 def test_early_stopping_restores_the_best_epoch_on_val(tiny_cfg, monkeypatch):
-    import sum.uncertainty.refine as refine
+    import sum.uncertainty.refine_train as refine
 
     refiner = _tiny_refiner(tiny_cfg)
     rng = np.random.default_rng(0)
@@ -255,7 +244,7 @@ def test_early_stopping_restores_the_best_epoch_on_val(tiny_cfg, monkeypatch):
 
 
 def test_training_never_ends_worse_than_sam_on_val(tiny_cfg, monkeypatch):
-    import sum.uncertainty.refine as refine
+    import sum.uncertainty.refine_train as refine
 
     refiner = _tiny_refiner(tiny_cfg)
     start = {k: v.clone() for k, v in refiner.state_dict().items()}

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from sum.data.prompts import sample_first_points
 from sum.train.sampling import (
     PROMPT_BOX_OR_POINT,
     PROMPT_ERROR_POINT,
@@ -14,7 +15,6 @@ from sum.train.sampling import (
     sample_error_click,
     sample_error_clicks,
     sample_first_point,
-    sample_first_points,
     sample_first_prompt_is_box,
 )
 

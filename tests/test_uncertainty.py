@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sum.model.build import build_sum_model
+from sum.model.lowres import upsample_low_res as uncertainty_at
 from sum.uncertainty.maps import (
     dequantize_u,
     mask_summary,
@@ -18,20 +19,17 @@ from sum.uncertainty.maps import (
     read_uncertainty_shard,
     refine_image,
     refine_pseudo_labels,
-    uncertainty_at,
     uncertainty_map,
     uncertainty_shard,
     write_uncertainty_shard,
 )
-from sum.uncertainty.refine import RefinementModule
-from sum.uncertainty.report import (
+from sum.uncertainty.refiner import RefinementModule
+from sum.data.hidden_gt import granularity_of, load_hidden_gt
+from sum.pseudo.coverage import coverage_metrics, coverage_records
+from sum.uncertainty.scoring import (
     auroc,
     auroc_by_match_iou,
     average_ranks,
-    coverage_metrics,
-    coverage_records,
-    granularity_of,
-    load_hidden_gt,
     report_metrics,
     score_image,
     scoring_region,

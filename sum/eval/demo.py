@@ -18,7 +18,7 @@ import torch
 from sum.config import Config
 from sum.data.dataset import build_dataset, select_datasets
 from sum.eval.clicker import first_click
-from sum.eval.metrics import mask_iou
+from sum.data.masks import mask_iou
 from sum.eval.panels import save_panel
 from sum.io import S3Options, atomic_write_text
 from sum.model.checkpoint import load_model

@@ -39,7 +39,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from sum.eval.metrics import area_band, band_labels
+from sum.data.masks import area_band, band_labels
 from sum.eval.panels import save_panels
 from sum.eval.stats import paired_deltas
 from sum.io import atomic_write_text

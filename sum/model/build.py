@@ -9,6 +9,7 @@ the ``mobile_sam`` package, never copied).
 from __future__ import annotations
 
 import math
+import warnings
 from functools import partial
 
 import torch
@@ -22,14 +23,12 @@ PIXEL_STD = [58.395, 57.12, 57.375]
 
 
 def _tiny_vit_class():
-    import warnings
-
     with warnings.catch_warnings():
         # mobile_sam re-registers TinyViT names that timm already has and imports timm's deprecated
         # module paths; both harmless.
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        from mobile_sam.modeling.tiny_vit_sam import TinyViT
+        from mobile_sam.modeling.tiny_vit_sam import TinyViT  # optional: only MobileSAM models need it
     return TinyViT
 
 

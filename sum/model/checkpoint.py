@@ -1,4 +1,5 @@
-"""Checkpoints: load SAM / MobileSAM / SUM weights, save SUM checkpoints, export plain SAM (spec §2).
+"""Checkpoints: load SAM / MobileSAM / SUM weights and save SUM checkpoints (spec §2); exporting
+plain SAM is `sum.model.export`.
 
 Three formats are read, from a local path, ``s3://bucket/key`` or ``https://`` (through
 `sum.io.resolve_local`, sha256 checked before the bytes are unpickled):
@@ -31,6 +32,7 @@ from torch import nn
 from sum.config import ModelConfig
 from sum.io import S3Options, display_uri, resolve_local, atomic_torch_save
 from sum.model.build import build_sum_model, task_prompt_keys
+from sum.model.fast import enable_fast_path
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,8 @@ def _shape(t: torch.Tensor) -> str:
     return "x".join(str(n) for n in t.shape) or "scalar"
 
 
-def _task_prompt(key: str) -> bool:
+def is_task_prompt_key(key: str) -> bool:
+    """Whether ``key`` is a task-prompt embedding's (spec §2.2), the one part SAM does not have."""
     return key.startswith(TASK_PROMPT_PREFIX)
 
 
@@ -189,7 +192,7 @@ def apply_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
     model.load_state_dict(state_dict, strict=False)
     prompt_encoder = getattr(model, "prompt_encoder", None)
     if getattr(prompt_encoder, "use_task_prompt", True) is False:
-        nonzero = _nonzero_task_prompts(state_dict)
+        nonzero = nonzero_task_prompts(state_dict)
         if nonzero:
             # use_task_prompt=False means the model is SAM (spec §2.2): the loaded vectors must not act.
             log.warning("%s: use_task_prompt is off; zeroing the loaded task prompt ids %s", source, nonzero)
@@ -199,10 +202,10 @@ def apply_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
     return model
 
 
-def _nonzero_task_prompts(state_dict: Mapping[str, torch.Tensor]) -> List[int]:
+def nonzero_task_prompts(state_dict: Mapping[str, torch.Tensor]) -> List[int]:
     ids = []
     for k, v in state_dict.items():
-        if _task_prompt(k) and bool(torch.any(v != 0)):
+        if is_task_prompt_key(k) and bool(torch.any(v != 0)):
             ids.append(int(k[len(TASK_PROMPT_PREFIX) :].split(".")[0]))
     return sorted(ids)
 
@@ -298,19 +301,19 @@ def build_model(cfg: ModelConfig, s3: Optional[S3Options] = None, cache_dir: str
     return model.eval()
 
 
-def _check_plain(value: Any, where: str) -> None:
+def check_plain(value: Any, where: str) -> None:
     """``torch.load(weights_only=True)`` reads only tensors and plain data: refuse anything else."""
     if value is None or isinstance(value, (str, int, float, bool, torch.Tensor)):
         return
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            _check_plain(v, f"{where}[{i}]")
+            check_plain(v, f"{where}[{i}]")
         return
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, (str, int)):
                 raise ValueError(f"{where}: key {k!r} is a {type(k).__name__}, expected str or int")
-            _check_plain(v, f"{where}[{k!r}]")
+            check_plain(v, f"{where}[{k!r}]")
         return
     raise ValueError(f"{where} is a {type(value).__name__}: store plain data (str, number, bool, None, list, dict)")
 
@@ -333,8 +336,8 @@ def save_sum_checkpoint(
     stored = config_to_dict(cfg)
     stored.update(checkpoint=None, checkpoint_sha256=None)
     meta = dict(meta or {})
-    _check_plain(meta, "meta")
-    _check_plain(stored, "model_config")
+    check_plain(meta, "meta")
+    check_plain(stored, "model_config")
     state_dict = OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items())
     obj = {
         "format": SUM_FORMAT,
@@ -381,51 +384,6 @@ def load_sum_checkpoint(
     return model.eval(), cfg
 
 
-def export_sam(
-    src_uri: str | os.PathLike,
-    out_path: str | os.PathLike,
-    sha256: Optional[str] = None,
-    s3: Optional[S3Options] = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> Path:
-    """Write the SAM part of a checkpoint as a plain state dict the stock builders load strictly
-    (``segment_anything.sam_model_registry["vit_b"](checkpoint=out_path)``).
-
-    The task-prompt embeddings are dropped, so the exported model is the SUM model with every task
-    vector zero: with id 0 frozen at zero (the default) that is SUM under task prompt 0. A warning
-    is logged when non-zero task vectors are dropped.
-
-    Returns:
-      ``out_path`` (written atomically).
-    """
-    ckpt = read_checkpoint(src_uri, sha256=sha256, s3=s3, cache_dir=cache_dir)
-    nonzero = _nonzero_task_prompts(ckpt.state_dict)
-    sam_sd = OrderedDict((k, v) for k, v in ckpt.state_dict.items() if not _task_prompt(k))
-    parts = {k.split(".", 1)[0] for k in sam_sd}
-    expected = {"image_encoder", "prompt_encoder", "mask_decoder"}
-    if not expected <= parts:
-        raise CheckpointError(f"{ckpt.source}: no {sorted(expected - parts)} keys, expected a SAM model's state dict")
-    if nonzero:
-        if 0 in nonzero:
-            log.warning(
-                "%s: dropping non-zero task prompt ids %s, id 0 among them: the exported SAM matches "
-                "the SUM model under no task prompt",
-                ckpt.source,
-                nonzero,
-            )
-        else:
-            log.warning(
-                "%s: dropping non-zero task prompt ids %s: the exported SAM behaves as the SUM model "
-                "with task prompt 0",
-                ckpt.source,
-                nonzero,
-            )
-    out_path = Path(out_path)
-    atomic_torch_save(sam_sd, out_path)
-    log.info("exported %s to %s (%d tensors)", ckpt.source, out_path, len(sam_sd))
-    return out_path
-
-
 def resolve_device(name: str) -> torch.device:
     """``model.device``: ``auto`` is CUDA when available, else CPU; anything else as torch reads it."""
     if name == "auto":
@@ -441,8 +399,6 @@ def load_model(cfg: ModelConfig, s3: Optional[S3Options] = None, cache_dir: str 
 
     What stages call to get a ready-to-run model (spec §2; the fast path is `sum.model.fast`).
     """
-    from sum.model.fast import enable_fast_path
-
     if cfg.fast_path not in ("auto", "on", "off"):
         raise ValueError(f"model.fast_path={cfg.fast_path!r}: expected auto, on or off")
     device = resolve_device(cfg.device)

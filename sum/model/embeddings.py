@@ -28,16 +28,18 @@ import os
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from sum.io import atomic_write_text, sha256_file, atomic_torch_save
-from sum.model.predictor import EMBEDDING_FORMAT, ImageEmbedding, SumPredictor
+from sum.data.dataset import build_dataset, select_datasets
+from sum.data.formats import read_image
+from sum.io import S3Options, atomic_torch_save, atomic_write_text, check_format, sha256_file
+from sum.model.checkpoint import load_model
+from sum.model.predictor import EMBEDDING_FORMAT, ImageEmbedding, SumPredictor, read_embedding_record
+from sum.progress import progress_bar
 
 log = logging.getLogger(__name__)
-
-from sum.config import EmbedConfig  # noqa: E402,F401  (re-exported for callers)
 
 INDEX_FORMAT = "sum-embedding-index/1"
 INDEX_NAME = "index.json"
@@ -50,16 +52,6 @@ def embedding_file(out_dir: str | os.PathLike, dataset: str, image_id: str) -> P
     return Path(out_dir) / dataset / f"{urllib.parse.quote(str(image_id), safe='')}.pt"
 
 
-def _read_record(path: Path) -> dict:
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 (torch.load raises many types on a bad file)
-        raise ValueError(f"{path}: not a readable embedding file ({type(e).__name__})") from None
-    if not isinstance(record, dict) or record.get("format") != EMBEDDING_FORMAT:
-        raise ValueError(f"{path}: not a SUM image embedding (expected format {EMBEDDING_FORMAT!r})")
-    return record
-
-
 def _read_index(path: Path) -> Optional[dict]:
     if not path.is_file():
         return None
@@ -67,9 +59,7 @@ def _read_index(path: Path) -> Optional[dict]:
         index = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable embedding index ({type(e).__name__})") from None
-    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{path}: not a SUM embedding index (expected format {INDEX_FORMAT!r})")
-    return index
+    return check_format(index, INDEX_FORMAT, path, "a SUM embedding index")
 
 
 def _write_index(path: Path, dataset: str, fingerprint: str, img_size: int, dtype: str, images: dict) -> None:
@@ -89,7 +79,7 @@ def _is_current(path: Path, fingerprint: str, dtype: torch.dtype, image_sha256: 
     if not path.is_file():
         return False
     try:
-        record = _read_record(path)
+        record = read_embedding_record(path)
     except ValueError:
         return False
     return (
@@ -125,10 +115,6 @@ def embed_datasets(
       FileNotFoundError: naming a missing image file.
       sum.data.formats.ImageReadError: naming the image file that does not decode.
     """
-    from tqdm.auto import tqdm
-
-    from sum.data.formats import read_image
-
     if dtype not in DTYPES:
         raise ValueError(f"embed.dtype={dtype!r}: expected one of {sorted(DTYPES)}")
     torch_dtype = DTYPES[dtype]
@@ -152,7 +138,7 @@ def embed_datasets(
 
         images: dict = {}
         encoded, t0, last_index = 0, time.perf_counter(), time.perf_counter()
-        bar = tqdm(total=len(ids), desc=f"embed {name}", unit="img", disable=None)
+        bar = progress_bar(len(ids), f"embed {name}", unit="img")
         for i, image_id in enumerate(ids):
             path = embedding_file(out_dir, name, image_id)
             image_path = ds.image_path(i)
@@ -163,21 +149,9 @@ def embed_datasets(
             if entry and entry.get("image_sha256") == digest and path.is_file():
                 images[image_id] = entry  # the index is written only after its files
             elif entry is None and _is_current(path, fingerprint, torch_dtype, digest):
-                images[image_id] = _entry(path, _read_record(path))  # written before a kill, not yet indexed
+                images[image_id] = _entry(path, read_embedding_record(path))  # written before a kill, not yet indexed
             else:
-                predictor.set_image(read_image(image_path))
-                emb = predictor.get_embedding()
-                record = {
-                    "format": EMBEDDING_FORMAT,
-                    "features": emb.features.to("cpu", torch_dtype).contiguous(),
-                    "original_size": list(emb.original_size),
-                    "input_size": list(emb.input_size),
-                    "img_size": img_size,
-                    "fingerprint": fingerprint,
-                    "image_sha256": digest,
-                }
-                atomic_torch_save(record, path)
-                images[image_id] = _entry(path, record)
+                images[image_id] = _encode(predictor, image_path, path, torch_dtype, img_size, fingerprint, digest)
                 encoded += 1
             bar.update(1)
             if time.perf_counter() - last_index > _INDEX_EVERY_S:
@@ -195,6 +169,25 @@ def embed_datasets(
         }
         log.info("embed %s: %d images, %d encoded, %d already cached, %.1f s", name, len(ids), encoded, len(ids) - encoded, seconds)
     return summary
+
+
+def _encode(
+    predictor: SumPredictor, image_path, path: Path, torch_dtype: torch.dtype, img_size: int, fingerprint: str, digest: str
+) -> dict:
+    """Encode one image, write its embedding record to ``path`` and return its index entry."""
+    predictor.set_image(read_image(image_path))
+    emb = predictor.get_embedding()
+    record = {
+        "format": EMBEDDING_FORMAT,
+        "features": emb.features.to("cpu", torch_dtype).contiguous(),
+        "original_size": list(emb.original_size),
+        "input_size": list(emb.input_size),
+        "img_size": img_size,
+        "fingerprint": fingerprint,
+        "image_sha256": digest,
+    }
+    atomic_torch_save(record, path)
+    return _entry(path, record)
 
 
 def _entry(path: Path, record: dict) -> dict:
@@ -264,7 +257,7 @@ class EmbeddingCache:
         entry = index["images"].get(str(image_id))
         if entry is None or not path.is_file():
             raise FileNotFoundError(f"{path}: no embedding of image {image_id!r} of dataset {dataset!r} (run `sum embed`)")
-        record = _read_record(path)
+        record = read_embedding_record(path)
         expected = fingerprint or self.fingerprint
         if record.get("fingerprint") != index.get("fingerprint") or (expected and record.get("fingerprint") != expected):
             made = str(record.get("fingerprint"))[:12]
@@ -289,15 +282,31 @@ def run_embed(cfg) -> Dict[str, dict]:
     Raises:
       ValueError: naming unknown dataset names.
     """
-    from sum.data.dataset import build_dataset
-    from sum.io import S3Options
-    from sum.model.checkpoint import load_model
-
-    names = list(cfg.embed.datasets) or list(cfg.data.datasets)
-    unknown = [n for n in names if n not in cfg.data.datasets]
-    if unknown:
-        raise ValueError(f"embed.datasets: unknown dataset(s) {unknown}; known: {sorted(cfg.data.datasets)}")
+    names = select_datasets(cfg.data.datasets, cfg.embed.datasets, "embed.datasets")
     torch.manual_seed(0)  # a randomly initialised model (no checkpoint) is the same in every stage
     model = load_model(cfg.model, s3=S3Options.from_config(cfg.storage.s3))
     datasets = {n: build_dataset(cfg.data.datasets[n], n) for n in names}
     return embed_datasets(model, datasets, cfg.embed.out_dir, cfg.embed.dtype)
+
+
+def embedding_source(model, dataset_name: str, dataset, embed_dir: Optional[str | os.PathLike]) -> Callable[[str], object]:
+    """image_id -> `ImageEmbedding`: from the ``embed`` stage's cache when it has the dataset,
+    else computed with the foundation model's encoder (once per image, kept in memory)."""
+    predictor = SumPredictor(model)
+    if embed_dir is not None and (Path(embed_dir) / dataset_name / "index.json").is_file():
+        cache = EmbeddingCache(embed_dir, fingerprint=predictor.fingerprint())
+        return lambda image_id: cache.load(dataset_name, image_id)
+
+    position = {str(i): k for k, i in enumerate(dataset.image_ids)}
+    memo: Dict[str, object] = {}
+
+    def compute(image_id: str):
+        if image_id not in memo:
+            if image_id not in position:
+                raise KeyError(f"dataset {dataset_name!r} ({dataset.source}): no image {image_id!r}")
+            predictor.set_image(read_image(dataset.image_path(position[image_id])))
+            memo[image_id] = predictor.get_embedding()
+        return memo[image_id]
+
+    log.info("no embedding cache for %s under %s: encoding images in memory", dataset_name, embed_dir)
+    return compute

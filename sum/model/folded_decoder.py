@@ -5,13 +5,13 @@ The refinement module (every call) and the interactive training rounds 2-7 (spec
 own copy of the 64x64 image tokens. In SAM's attention every one of those 4096 tokens is projected to queries/keys/values
 (and back) in every cross attention, although only the ~8 prompt tokens sit on the other side.
 `folded_decode` computes the same function with those projections folded onto the token side
-(``(q Wk) k^T`` instead of ``q (k Wk)^T``, as `sum.pseudo.amg.token_to_image_attention` does for
+(``(q Wk) k^T`` instead of ``q (k Wk)^T``, as `sum.pseudo.point_decoder.token_to_image_attention` does for
 the pseudo-label generator), reads only the tokens the requested outputs need after the final
-attention, and runs the output upscaling as matrix products. About 2x faster forward and backward
-on the CPU; algebraically equal to SAM's decoder, so the gradients are the same too (key biases,
+attention, and runs the output upscaling as matrix products. Faster forward and backward;
+algebraically equal to SAM's decoder, so the gradients are the same too (key biases,
 which cancel in the softmax, get a zero gradient instead of a rounding-sized one).
 
-Unlike `sum.pseudo.amg.image_to_token_attention`, nothing here is computed in place, so autograd
+Unlike `sum.pseudo.point_decoder.image_to_token_attention`, nothing here is computed in place, so autograd
 can train through it.
 """
 
@@ -22,14 +22,13 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
 from torch import Tensor, nn
 
 
 def upscaling_is_sam(mask_decoder: nn.Module) -> bool:
     """Whether ``mask_decoder.output_upscaling`` is SAM's (two kernel-2 stride-2 transposed
     convolutions around a LayerNorm2d), the layout `folded_decode` computes as matrix products."""
-    from segment_anything.modeling.common import LayerNorm2d
-
     seq = getattr(mask_decoder, "output_upscaling", None)
     if not isinstance(seq, nn.Sequential) or len(seq) != 5 or not isinstance(seq[1], LayerNorm2d):
         return False
@@ -42,6 +41,11 @@ def upscaling_is_sam(mask_decoder: nn.Module) -> bool:
         and m.groups == 1
         for m in (seq[0], seq[3])
     )
+
+
+def attention_heads(attn: nn.Module) -> Tuple[int, int]:
+    """(heads, channels per head) of a `segment_anything.modeling.transformer.Attention`."""
+    return attn.num_heads, attn.internal_dim // attn.num_heads
 
 
 def token_to_image(attn: nn.Module, q_btc: Tensor, k_bnc: Tensor, v_bnc: Tensor) -> Tensor:
@@ -57,8 +61,7 @@ def token_to_image(attn: nn.Module, q_btc: Tensor, k_bnc: Tensor, v_bnc: Tensor)
       (B, T, C).
     """
     b, t, c = q_btc.shape
-    heads = attn.num_heads
-    ch = attn.internal_dim // heads
+    heads, ch = attention_heads(attn)
     q_bthc = attn.q_proj(q_btc).view(b, t, heads, ch) * (1.0 / math.sqrt(ch))
     qk_bpc = torch.einsum("bthd,hdc->bhtc", q_bthc, attn.k_proj.weight.view(heads, ch, c)).reshape(b, heads * t, c)
     a_bpn = torch.bmm(qk_bpc, k_bnc.transpose(1, 2)).softmax(dim=-1)
@@ -80,8 +83,7 @@ def image_to_token(attn: nn.Module, q_bnc: Tensor, k_btc: Tensor, v_btc: Tensor,
       (B, N, C).
     """
     b, t, c = k_btc.shape
-    heads = attn.num_heads
-    ch = attn.internal_dim // heads
+    heads, ch = attention_heads(attn)
     k_bthd = attn.k_proj(k_btc).view(b, t, heads, ch) * (1.0 / math.sqrt(ch))
     v_bthd = attn.v_proj(v_btc).view(b, t, heads, ch)
     qk_bpc = torch.einsum("hdc,bthd->bhtc", attn.q_proj.weight.view(heads, ch, c), k_bthd).reshape(b, heads * t, c)

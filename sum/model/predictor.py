@@ -27,7 +27,7 @@ import torch
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from sum.io import atomic_torch_save
+from sum.io import atomic_torch_save, check_format
 
 EMBEDDING_FORMAT = "sum-image-embedding/1"
 
@@ -66,6 +66,20 @@ def encoder_fingerprint(model: Sam) -> str:
         h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def read_embedding_record(path: Path) -> dict:
+    """The record at ``path`` that `SumPredictor.save_embedding` or the ``embed`` stage wrote,
+    checked for its format tag.
+
+    Raises:
+      ValueError: naming ``path`` when it is not readable or not an embedding record.
+    """
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (torch.load raises many types on a bad file)
+        raise ValueError(f"{path}: not a readable embedding file ({type(e).__name__})") from None
+    return check_format(record, EMBEDDING_FORMAT, path, "a SUM image embedding")
 
 
 class SumPredictor:
@@ -185,12 +199,7 @@ class SumPredictor:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: embedding file not found")
-        try:
-            record = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path}: not a readable embedding file ({type(e).__name__})") from None
-        if not isinstance(record, dict) or record.get("format") != EMBEDDING_FORMAT:
-            raise ValueError(f"{path}: not a SUM image embedding (expected format {EMBEDDING_FORMAT!r})")
+        record = read_embedding_record(path)
         img_size = self.model.image_encoder.img_size
         if record["img_size"] != img_size:
             raise ValueError(f"{path}: embedding made at img_size={record['img_size']}, this model uses {img_size}")
@@ -298,8 +307,7 @@ class SumPredictor:
         boxes: Optional[torch.Tensor] = None,
         mask_input: Optional[torch.Tensor] = None,
         task_prompt: int = 0,
-        multimask_output: bool = True,
-        return_logits: bool = False,
+        multimask_output: bool = True, return_logits: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """As ``SamPredictor.predict_torch``, with the task prompt: prompts are tensors already in
         the ``ResizeLongestSide`` input frame.

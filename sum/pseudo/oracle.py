@@ -44,6 +44,9 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from sum.data.coco import mask_to_annotation
+from sum.data.hidden_gt import hidden_gt_masks, hidden_gt_paths, load_hidden_gt
+from sum.pseudo.coverage import coverage_records, pseudo_label_masks
 from sum.pseudo.store import RECORD_FIELDS, ShardImage, iter_pseudo_labels, list_shards, read_shard_json, shard_paths, write_shard
 
 log = logging.getLogger(__name__)
@@ -54,8 +57,6 @@ MODES = ("gt", "matched", "add-parts")
 def oracle_records(masks_nhw: np.ndarray, logits_hw: tuple[int, int] = (256, 256)) -> list[dict]:
     """Generator records (`sum.pseudo.store.RECORD_FIELDS`) for exact masks: COCO RLE, area, the
     XYWH box of the mask's pixels, IoU and stability 1, the whole image as crop box, zero logits."""
-    from sum.data.coco import mask_to_annotation
-
     out = []
     h, w = masks_nhw.shape[1:] if masks_nhw.ndim == 3 else (0, 0)
     for m in masks_nhw:
@@ -96,8 +97,6 @@ def mixed_records(
       generator records: the kept real ones in shard order (their own logits), then the added GT
       parts in file order (`oracle_records`).
     """
-    from sum.uncertainty.report import coverage_records, pseudo_label_masks
-
     if mode not in ("matched", "add-parts"):
         raise ValueError(f"mode={mode!r}: expected 'matched' or 'add-parts'")
     h, w = gt_nhw.shape[1:]
@@ -141,8 +140,6 @@ def write_oracle_dataset(
         mode, or an image of the real shards without hidden GT.
       FileNotFoundError: the real shards, for the modes that start from them.
     """
-    from sum.uncertainty.report import hidden_gt_masks, load_hidden_gt
-
     if mode not in MODES:
         raise ValueError(f"oracle mode {mode!r}: expected one of {', '.join(MODES)}")
     if shard_size < 1:
@@ -198,8 +195,6 @@ def write_oracle_pool(cfg, out_dir: str | os.PathLike, mode: str = "gt", min_are
         ``mode`` or ``min_area`` is not one this module knows.
       FileNotFoundError: naming a dataset without hidden GT that has no pseudo labels either.
     """
-    from sum.uncertainty.report import hidden_gt_paths
-
     if mode not in MODES:
         raise ValueError(f"--oracle {mode}: expected one of {', '.join(MODES)}")
     if not 0.0 <= min_area < 1.0:

@@ -1,4 +1,5 @@
-"""Pseudo labels on disk, sharded, and the dataset that reads them (spec §3.3-3.5).
+"""Pseudo labels on disk, sharded (spec §3.3-3.5); `sum.pseudo.dataset.PseudoLabelDataset` reads
+them as a training dataset.
 
 Layout, per dataset, ``<pseudo_dir>/<dataset>/``:
 
@@ -32,16 +33,14 @@ import logging
 import os
 import re
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
-from sum.data import formats
-from sum.data.sample import Problem, SegDataset, Sample
-from sum.io import atomic_path, atomic_write_text
+from sum.io import atomic_path, atomic_write_text, check_format
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +189,33 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def read_tagged_json(path: Path, expected: str, readable: str, what: str) -> dict:
+    """The JSON document at ``path``, checked for its format tag ``expected``.
+
+    Raises:
+      ValueError: "{path}: not a readable {readable} (...)" when it does not parse, else
+        `sum.io.check_format`'s error saying it is not ``what``.
+    """
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable {readable} ({type(e).__name__})") from None
+    return check_format(doc, expected, path, what)
+
+
+def read_npz(path: Path, what: str, read: Callable[[Any], Any]) -> Any:
+    """``read`` of the npz archive at ``path`` (opened without pickles).
+
+    Raises:
+      ValueError: "{path}: not a readable {what} (...)" when it does not open or lacks a key.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return read(z)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable {what} ({type(e).__name__})") from None
+
+
 def read_shard_json(pseudo_dir: str | os.PathLike, dataset: str, shard: int) -> dict:
     """The json of one shard, checked for format and shard number.
 
@@ -199,12 +225,7 @@ def read_shard_json(pseudo_dir: str | os.PathLike, dataset: str, shard: int) -> 
     json_path, _ = shard_paths(pseudo_dir, dataset, shard)
     if not json_path.is_file():
         raise FileNotFoundError(f"{json_path}: pseudo-label shard not found")
-    try:
-        doc = json.loads(json_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{json_path}: not a readable pseudo-label shard ({type(e).__name__})") from None
-    if not isinstance(doc, dict) or doc.get("format") != SHARD_FORMAT:
-        raise ValueError(f"{json_path}: not a pseudo-label shard (expected format {SHARD_FORMAT!r})")
+    doc = read_tagged_json(json_path, SHARD_FORMAT, "pseudo-label shard", "a pseudo-label shard")
     if doc.get("shard") != int(shard):
         raise ValueError(f"{json_path}: holds shard {doc.get('shard')!r}, expected {int(shard)}")
     return doc
@@ -219,11 +240,7 @@ def read_logits(pseudo_dir: str | os.PathLike, dataset: str, shard: int) -> np.n
     _, npz_path = shard_paths(pseudo_dir, dataset, shard)
     if not npz_path.is_file():
         raise FileNotFoundError(f"{npz_path}: pseudo-label logits not found")
-    try:
-        with np.load(npz_path, allow_pickle=False) as z:
-            return z["logits"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{npz_path}: not a readable logits archive ({type(e).__name__})") from None
+    return read_npz(npz_path, "logits archive", lambda z: z["logits"])
 
 
 def read_shard(pseudo_dir: str | os.PathLike, dataset: str, shard: int) -> tuple[dict, np.ndarray]:
@@ -287,219 +304,3 @@ def select_masks(annotations: Sequence[dict], max_masks: Optional[int], rng: np.
         return anns
     pick = np.sort(rng.choice(len(anns), size=int(max_masks), replace=False))
     return [anns[j] for j in pick]
-
-
-def upsample_low_res(maps_mhw: np.ndarray, img_size: int, input_size: tuple[int, int], original_size: tuple[int, int]) -> np.ndarray:
-    """Low-res maps in the padded model frame -> original resolution, as ``Sam.postprocess_masks``
-    does with logits: bilinear to (img_size, img_size), crop to the input size (the resized image
-    before padding), bilinear to the original size (align_corners=False throughout).
-
-    The released loader upsamples refined maps to 1024x1024 without the crop (spec §3.4 (b)) and
-    so reads them in the padded frame; here they are put on the image, like the masks.
-
-    Returns:
-      (M, H, W) float32.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.as_tensor(np.asarray(maps_mhw, dtype=np.float32))[:, None]
-    if x.shape[0] == 0:
-        return np.zeros((0, *original_size), np.float32)
-    x = F.interpolate(x, (img_size, img_size), mode="bilinear", align_corners=False)
-    x = x[..., : input_size[0], : input_size[1]]
-    x = F.interpolate(x, tuple(original_size), mode="bilinear", align_corners=False)
-    return x[:, 0].numpy()
-
-
-def _input_size(h: int, w: int, img_size: int) -> tuple[int, int]:
-    """``ResizeLongestSide.get_preprocess_shape`` (kept here so reading needs no segment_anything)."""
-    scale = img_size * 1.0 / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
-
-
-class PseudoLabelDataset(SegDataset):
-    """The pseudo labels of one dataset as a `SegDataset` (spec §3.3-3.5).
-
-    Samples hold the original image, the binary pseudo labels decoded from RLE at the original
-    resolution (``1[s > 0]``, spec §3.3) and, with ``uncertainty_dir``, their uncertainty maps u.
-
-    The §3.5 filters run here, at read time: at construction every mask must pass
-    `keep_by_ratio`, and images left without a mask are dropped (the released loader draws
-    another image instead); on each `load`, `select_masks` keeps at most ``max_masks``, drawn with
-    a generator seeded by (``seed``, epoch, index), so a sample is reproducible and changes with
-    `set_epoch`.
-
-    Uncertainty maps are read from ``<uncertainty_dir>/<dataset>/shard-XXXXX.npz`` (``u`` uint8
-    (M, h, w) in ``logit_index`` order, u = value / 255) and upsampled by `upsample_low_res`. A
-    mask below ``min_refine_ratio`` gets u = 0 (treated as certain, spec §3.5).
-
-    Arguments:
-      images_dir: the folder the ``file_name`` fields are relative to.
-      pseudo_dir: the pseudo-label folder (``<pseudo_dir>/<dataset>/shard-*.json``).
-      dataset: the dataset name.
-      task: task name or id of the samples; pseudo labels are task "unspecified" (id 0, §3.3).
-      uncertainty_dir: folder of the uncertainty maps, or None (``uncertainty`` stays None).
-      min_ratio, max_ratio, max_masks: spec §3.5 (README values 100, 0.95; code default 40 masks).
-      min_refine_ratio: spec §3.5, 100.
-      seed: seed of the mask selection.
-
-    Raises:
-      FileNotFoundError: naming the folder when it holds no complete shard.
-      ValueError: naming the file when shards were made under different configs.
-    """
-
-    def __init__(
-        self,
-        images_dir: str | os.PathLike,
-        pseudo_dir: str | os.PathLike,
-        dataset: str,
-        task: str | int = "unspecified",
-        uncertainty_dir: str | os.PathLike | None = None,
-        min_ratio: float = 100.0,
-        max_ratio: float = 0.95,
-        max_masks: Optional[int] = 40,
-        min_refine_ratio: float = 100.0,
-        seed: int = 0,
-    ) -> None:
-        self.images_dir = Path(images_dir)
-        self.pseudo_dir = Path(pseudo_dir)
-        self.name = dataset
-        self.task = task
-        self.source = str(self.pseudo_dir / dataset)
-        self.uncertainty_dir = Path(uncertainty_dir) if uncertainty_dir is not None else None
-        self.min_ratio, self.max_ratio, self.max_masks = min_ratio, max_ratio, max_masks
-        self.min_refine_ratio = min_refine_ratio
-        self.seed = int(seed)
-        self.epoch = 0
-        shards = list_shards(pseudo_dir, dataset)
-        if not shards:
-            raise FileNotFoundError(f"{self.source}: no pseudo-label shards (run `sum pseudolabel`)")
-        self.images: list[dict] = []  # image record + "shard", "annotations" (ratio-filtered), "img_size"
-        self.n_masks = self.n_kept = 0
-        config_hash = None
-        for shard in shards:
-            doc = read_shard_json(pseudo_dir, dataset, shard)
-            if config_hash is not None and doc["config_hash"] != config_hash:
-                path, _ = shard_paths(pseudo_dir, dataset, shard)
-                raise ValueError(f"{path}: config_hash {doc['config_hash'][:12]}... differs from the other shards' {config_hash[:12]}...")
-            config_hash = doc["config_hash"]
-            img_size = int(doc.get("img_size", 1024))
-            for img in doc["images"]:
-                kept = [a for a in img["annotations"] if self._keep(a, img_size)]
-                self.n_masks += len(img["annotations"])
-                self.n_kept += len(kept)
-                if kept:
-                    self.images.append({**img, "annotations": kept, "shard": shard, "img_size": img_size})
-        self.config_hash = config_hash
-        self._u_cache: tuple[int, np.ndarray] | None = None
-
-    def _keep(self, ann: dict, img_size: int) -> bool:
-        _, _, cw, ch = ann["crop_box"]
-        return keep_by_ratio(ann["area"], cw, ch, self.min_ratio, self.max_ratio, img_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw another selection of ``max_masks`` per image (spec §3.5: re-drawn per access)."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def image_ids(self) -> list[str]:
-        return [img["image_id"] for img in self.images]
-
-    def image_path(self, i: int) -> Path:
-        return self.images_dir / self.images[i]["file_name"]
-
-    def annotation_ids(self, i: int) -> list[str]:
-        """Ids of the masks of image ``i`` that pass the ratio filters (before `select_masks`)."""
-        return [str(a["id"]) for a in self.images[i]["annotations"]]
-
-    def selected(self, i: int, skip_ann_ids: Iterable[str] = ()) -> list[dict]:
-        """The annotations `load` uses for image ``i`` at the current epoch."""
-        skip = set(skip_ann_ids)
-        anns = [a for a in self.images[i]["annotations"] if str(a["id"]) not in skip]
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        return select_masks(anns, self.max_masks, rng)
-
-    def load(self, i: int, skip_ann_ids: Iterable[str] = ()) -> Sample:
-        img = self.images[i]
-        path = self.image_path(i)
-        image = formats.read_image(path)
-        h, w = image.shape[:2]
-        if (h, w) != (int(img["height"]), int(img["width"])):
-            raise ValueError(f"{path}: image is {h}x{w}, {self._json(i)} says {img['height']}x{img['width']}")
-        anns = self.selected(i, skip_ann_ids)
-        masks = [formats.segmentation_to_mask(a["segmentation"], h, w, where=f"{self._json(i)}: annotation {a['id']}") for a in anns]
-        masks_khw = np.stack(masks).astype(bool) if masks else np.zeros((0, h, w), bool)
-        sample = Sample(
-            image_id=str(img["image_id"]),
-            image=image,
-            masks=masks_khw,
-            boxes=formats.masks_to_boxes(masks_khw),
-            ann_ids=[str(a["id"]) for a in anns],
-            task_id=self.task_id,
-            path=str(path),
-        )
-        if self.uncertainty_dir is not None:
-            sample.uncertainty = self._uncertainty(i, anns, (h, w))
-        return sample
-
-    def _json(self, i: int) -> Path:
-        return shard_paths(self.pseudo_dir, self.name, self.images[i]["shard"])[0]
-
-    def uncertainty_path(self, shard: int) -> Path:
-        return self.uncertainty_dir / self.name / f"{shard_stem(shard)}.npz"
-
-    def _uncertainty(self, i: int, anns: list[dict], size: tuple[int, int]) -> np.ndarray:
-        img = self.images[i]
-        shard = img["shard"]
-        if self._u_cache is None or self._u_cache[0] != shard:
-            path = self.uncertainty_path(shard)
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: uncertainty maps of pseudo-label shard {shard} not found")
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    self._u_cache = (shard, z["u"])
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-                raise ValueError(f"{path}: not a readable uncertainty archive with 'u' ({type(e).__name__})") from None
-        u_mhw = self._u_cache[1]
-        rows = [a["logit_index"] for a in anns]
-        if rows and max(rows) >= len(u_mhw):
-            worst = anns[rows.index(max(rows))]["id"]
-            raise ValueError(f"{self.uncertainty_path(shard)}: {len(u_mhw)} maps, mask {worst} needs row {max(rows)}")
-        u = u_mhw[rows].astype(np.float32) / 255.0
-        img_size = img["img_size"]
-        u = upsample_low_res(u, img_size, _input_size(size[0], size[1], img_size), size)
-        for k, a in enumerate(anns):
-            _, _, cw, ch = a["crop_box"]
-            if not keep_by_ratio(a["area"], cw, ch, self.min_refine_ratio, float("inf"), img_size):
-                u[k] = 0.0
-        return u
-
-    def problems(self, i: int) -> list[Problem]:
-        img = self.images[i]
-        image, out = self._image_problem(i)
-        if image is None:
-            return out
-        h, w = image.shape[:2]
-        if (h, w) != (int(img["height"]), int(img["width"])):
-            detail = f"image is {h}x{w}, {self._json(i).name} says {img['height']}x{img['width']}"
-            return [Problem(str(self.image_path(i)), "image_size_mismatch", detail, index=i)]
-        for a in img["annotations"]:
-            reason = formats.rle_problem(a["segmentation"])
-            if reason is None and tuple(a["segmentation"]["size"]) != (h, w):
-                reason = f"RLE size {a['segmentation']['size']}, image is {h}x{w}"
-            if reason is not None:
-                out.append(Problem(str(self._json(i)), "bad_segmentation", reason, index=i, ann_id=str(a["id"])))
-        return out
-
-    def dataset_problems(self) -> list[Problem]:
-        out = super().dataset_problems()
-        seen: set = set()
-        for i, img in enumerate(self.images):
-            if img["image_id"] in seen:
-                out.append(Problem(str(self._json(i)), "duplicate_image_id", f"duplicate image id {img['image_id']}", index=i))
-            seen.add(img["image_id"])
-        return out

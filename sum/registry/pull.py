@@ -61,7 +61,7 @@ def pull(uri: str, out: str | os.PathLike, fmt: str = "sum", tracking: Optional[
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
-    from sum.model.checkpoint import export_sam
+    from sum.model.export import export_sam
     from sum.tracking import global_tracking_uri, tracking_uri
 
     if fmt not in FORMATS:

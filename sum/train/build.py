@@ -16,7 +16,7 @@ from sum.data.dataset import build_dataset
 from sum.io import S3Options
 from sum.model.checkpoint import build_model
 from sum.model.fast import cpu_has_native_bf16, enable_fast_path
-from sum.pseudo.store import PseudoLabelDataset
+from sum.pseudo.dataset import PseudoLabelDataset
 from sum.tracking import NullTracker, flatten, start_run
 from sum.train.data import LABELED, UNLABELED, Pool
 from sum.train.distributed import DistInfo

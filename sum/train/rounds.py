@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sum.data.prompts import sample_first_points
 from sum.model.folded_decoder import folded_decode, upscaling_is_sam
+from sum.model.losses import combined_loss
 from sum.train.data import TrainItem
-from sum.train.losses import combined_loss
 from sum.train.sampling import (
     PROMPT_ERROR_POINT,
     RoundSpec,
     add_jitter_to_boxes,
     sample_error_clicks,
-    sample_first_points,
     sample_first_prompt_is_box,
 )
 

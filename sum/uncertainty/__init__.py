@@ -1,8 +1,9 @@
 """Mask-refinement module and uncertainty maps of pseudo labels (spec §4)."""
 
-from sum.uncertainty.maps import UncertaintyConfig, certainty, refine_pseudo_labels, uncertainty_at, uncertainty_map
-from sum.uncertainty.refine import RefineConfig, RefinementModule, load_refiner, save_refiner
-from sum.uncertainty.report import auroc
+from sum.uncertainty.maps import certainty, refine_pseudo_labels, uncertainty_map
+from sum.config import RefineConfig, UncertaintyConfig
+from sum.uncertainty.refiner import RefinementModule, load_refiner, save_refiner
+from sum.uncertainty.scoring import auroc
 
 __all__ = [
     "RefineConfig",
@@ -13,6 +14,5 @@ __all__ = [
     "load_refiner",
     "refine_pseudo_labels",
     "save_refiner",
-    "uncertainty_at",
     "uncertainty_map",
 ]

@@ -14,7 +14,7 @@ shard-XXXXX.{json,npz}`` this stage writes ``<out_dir>/<dataset>/shard-XXXXX.npz
   the pseudo-label logits, rows in the shard's ``logit_index`` order. A7 recommends σ(s) at the
   original resolution and σ(r) at 256²; the logits ``s`` here are already stored at 256² (the
   pseudo stage's float16 deviation), so u is computed where both live, in the padded frame, and
-  brought to the image like SAM brings its logits (`uncertainty_at`). 8-bit storage is what the
+  brought to the image like SAM brings its logits (`sum.model.lowres.upsample_low_res`). 8-bit storage is what the
   released loader reads (σ(r)·255 PNGs); its error is at most 1/510 per pixel.
 - ``r`` float16 (M, h, w), the refined logits (optional, ``store_refined``), for reports and
   for the "Mask Refinement" ablation (spec Tab. 2) that trains on ``1[r > 0]``.
@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zipfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -38,14 +37,12 @@ import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from sum.io import atomic_write_text
+from sum.pseudo.store import read_npz, read_tagged_json, shard_stem, write_npz
 
 log = logging.getLogger(__name__)
 
 UNCERTAINTY_FORMAT = "sum-uncertainty-shard/1"
 CERTAINTY_THRESHOLD = 0.6  # θ of the UA-Dice loss (spec §5.4); "uncertain" means c <= θ
-
-
-from sum.config import UncertaintyConfig  # noqa: E402,F401  (re-exported for callers)
 
 
 def uncertainty_map(s_logits, r_logits):
@@ -85,29 +82,8 @@ def quantize_u(u) -> np.ndarray:
 
 
 def dequantize_u(u_q: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 u = value / 255, as `sum.pseudo.store.PseudoLabelDataset` reads it."""
+    """uint8 -> float32 u = value / 255, as `sum.pseudo.dataset.PseudoLabelDataset` reads it."""
     return np.asarray(u_q).astype(np.float32) / 255.0
-
-
-def uncertainty_at(
-    maps_mhw: np.ndarray, img_size: int, input_size: Tuple[int, int], original_size: Tuple[int, int]
-) -> np.ndarray:
-    """Low-res maps (u, or logits) of the padded frame at the original image resolution, the way
-    ``Sam.postprocess_masks`` brings low-res logits there: bilinear to (img_size, img_size), crop
-    to the input size, bilinear to the original size (align_corners=False). Bilinear
-    interpolation keeps u within [0, 1].
-
-    Arguments:
-      maps_mhw: (M, h, w) float or uint8-dequantised maps.
-      img_size: the model's padded input side (1024).
-      input_size: (h, w) of the image after ``ResizeLongestSide``.
-      original_size: (H, W) of the image.
-    Returns:
-      (M, H, W) float32.
-    """
-    from sum.pseudo.store import upsample_low_res
-
-    return upsample_low_res(np.asarray(maps_mhw, np.float32), img_size, tuple(input_size), tuple(original_size))
 
 
 # ---- applying the refinement module to pseudo labels -----------------------------------------
@@ -134,7 +110,7 @@ def refine_image(
     point that produced it (``point_coords``, positive). Output: the single-output token (index 0).
 
     Arguments:
-      refiner: `sum.uncertainty.refine.RefinementModule`.
+      refiner: `sum.uncertainty.refiner.RefinementModule`.
       features_1chw: the image embedding, (1, C, He, We).
       original_size: (H, W).
       annotations: pseudo-label records (``bbox``, ``point_coords``), in the order of ``s_mhw``.
@@ -178,7 +154,7 @@ def refine_pseudo_labels(
     """``r`` for every pseudo label of a shard, batched per image (spec §4.1-4.2).
 
     Arguments:
-      refiner: `sum.uncertainty.refine.RefinementModule`.
+      refiner: `sum.uncertainty.refiner.RefinementModule`.
       embedding_of: image_id -> `sum.model.predictor.ImageEmbedding` (e.g. `EmbeddingCache.load`).
       images: the shard json's ``images`` (each with ``annotations`` holding ``logit_index``).
       logits_mhw: the shard's ``logits`` (M, h, w), SAM's ``s``.
@@ -260,8 +236,6 @@ def mask_summary(
 
 def uncertainty_paths(out_dir: str | os.PathLike, dataset: str, shard: int) -> Tuple[Path, Path]:
     """(json, npz) of the uncertainty maps of one pseudo-label shard."""
-    from sum.pseudo.store import shard_stem
-
     folder = Path(out_dir) / dataset
     return folder / f"{shard_stem(shard)}.json", folder / f"{shard_stem(shard)}.npz"
 
@@ -317,8 +291,6 @@ def write_uncertainty_shard(
     Returns:
       the json path.
     """
-    from sum.pseudo.store import write_npz
-
     if u_q.dtype != np.uint8:
         raise ValueError(f"{dataset} shard {shard}: u must be uint8 (quantize_u), got {u_q.dtype}")
     json_path, npz_path = uncertainty_paths(out_dir, dataset, shard)
@@ -332,6 +304,10 @@ def write_uncertainty_shard(
     return json_path
 
 
+def _u_and_r(z) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    return dequantize_u(z["u"]), (z["r"].astype(np.float32) if "r" in z.files else None)
+
+
 def read_uncertainty_shard(out_dir: str | os.PathLike, dataset: str, shard: int) -> Tuple[dict, np.ndarray, Optional[np.ndarray]]:
     """(summary json, u float32 (M, h, w), r float32 or None).
 
@@ -342,136 +318,8 @@ def read_uncertainty_shard(out_dir: str | os.PathLike, dataset: str, shard: int)
     for p in (json_path, npz_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: uncertainty shard not found (run `sum uncertainty`)")
-    try:
-        doc = json.loads(json_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{json_path}: not a readable uncertainty shard ({type(e).__name__})") from None
-    if not isinstance(doc, dict) or doc.get("format") != UNCERTAINTY_FORMAT:
-        raise ValueError(f"{json_path}: not an uncertainty shard (expected format {UNCERTAINTY_FORMAT!r})")
-    try:
-        with np.load(npz_path, allow_pickle=False) as z:
-            u = dequantize_u(z["u"])
-            r = z["r"].astype(np.float32) if "r" in z.files else None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{npz_path}: not a readable uncertainty archive with 'u' ({type(e).__name__})") from None
+    doc = read_tagged_json(json_path, UNCERTAINTY_FORMAT, "uncertainty shard", "an uncertainty shard")
+    u, r = read_npz(npz_path, "uncertainty archive with 'u'", _u_and_r)
     if u.shape[0] != doc.get("n_masks"):
         raise ValueError(f"{npz_path}: {u.shape[0]} maps, {json_path.name} says n_masks={doc.get('n_masks')}")
     return doc, u, r
-
-
-# ---- the stage -------------------------------------------------------------------------------
-
-
-def pseudo_datasets(pseudo_dir: str | os.PathLike) -> List[str]:
-    """Datasets with at least one complete pseudo-label shard under ``pseudo_dir``."""
-    from sum.pseudo.store import list_shards
-
-    root = Path(pseudo_dir)
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and list_shards(root, p.name))
-
-
-def embedding_source(model, dataset_name: str, dataset, embed_dir: Optional[str | os.PathLike]) -> Callable[[str], object]:
-    """image_id -> `ImageEmbedding`: from the ``embed`` stage's cache when it has the dataset,
-    else computed with the foundation model's encoder (once per image, kept in memory)."""
-    from sum.model.predictor import SumPredictor
-
-    predictor = SumPredictor(model)
-    if embed_dir is not None and (Path(embed_dir) / dataset_name / "index.json").is_file():
-        from sum.model.embeddings import EmbeddingCache
-
-        cache = EmbeddingCache(embed_dir, fingerprint=predictor.fingerprint())
-        return lambda image_id: cache.load(dataset_name, image_id)
-
-    from sum.data.formats import read_image
-
-    position = {str(i): k for k, i in enumerate(dataset.image_ids)}
-    memo: Dict[str, object] = {}
-
-    def compute(image_id: str):
-        if image_id not in memo:
-            if image_id not in position:
-                raise KeyError(f"dataset {dataset_name!r} ({dataset.source}): no image {image_id!r}")
-            predictor.set_image(read_image(dataset.image_path(position[image_id])))
-            memo[image_id] = predictor.get_embedding()
-        return memo[image_id]
-
-    log.info("no embedding cache for %s under %s: encoding images in memory", dataset_name, embed_dir)
-    return compute
-
-
-def compute_uncertainty(
-    refiner,
-    model,
-    datasets: Dict[str, object],
-    pseudo_dir: str | os.PathLike,
-    cfg: UncertaintyConfig,
-    embed_dir: Optional[str | os.PathLike] = None,
-) -> Dict[str, dict]:
-    """Write u (and r) for every pseudo-label shard of each dataset (spec §4.2).
-
-    Arguments:
-      refiner: the trained `RefinementModule`.
-      model: the foundation SAM (its encoder makes embeddings missing from the cache).
-      datasets: name -> `SegDataset` of the images the pseudo labels were made on.
-      pseudo_dir: the pseudo-label folder.
-      cfg: `UncertaintyConfig`.
-      embed_dir: the ``embed`` stage's cache, or None.
-    Returns:
-      name -> {"shards", "masks", "mean_u", "uncertain_fraction_box"}.
-    """
-    from sum.pseudo.store import list_shards, read_shard
-
-    summary = {}
-    for name, ds in datasets.items():
-        embedding_of = embedding_source(model, name, ds, embed_dir)
-        shards = list_shards(pseudo_dir, name)
-        if not shards:
-            raise FileNotFoundError(f"{Path(pseudo_dir) / name}: no pseudo-label shards (run `sum pseudolabel`)")
-        mean_u, frac = [], []
-        for shard in shards:
-            doc, logits = read_shard(pseudo_dir, name, shard)
-            u_q, r, out = uncertainty_shard(refiner, embedding_of, doc, logits, cfg.batch_size, cfg.certainty_threshold)
-            write_uncertainty_shard(cfg.out_dir, name, shard, u_q, out, r if cfg.store_refined else None)
-            for img in out["images"]:
-                mean_u += [m["mean_u_box"] for m in img["masks"]]
-                frac += [m["uncertain_fraction_box"] for m in img["masks"]]
-            log.info("uncertainty %s shard %d: %d masks", name, shard, out["n_masks"])
-        summary[name] = {
-            "shards": len(shards),
-            "masks": len(mean_u),
-            "mean_u_box": float(np.mean(mean_u)) if mean_u else 0.0,
-            "uncertain_fraction_box": float(np.mean(frac)) if frac else 0.0,
-        }
-    return summary
-
-
-def run_uncertainty(cfg) -> Dict[str, dict]:
-    """The ``uncertainty`` stage: the refinement module of ``cfg.refine.out`` over the pseudo labels
-    of ``cfg.pseudo.out_dir`` (datasets ``cfg.uncertainty.datasets``, empty = all that have shards).
-
-    Raises:
-      ValueError: naming unknown dataset names.
-    """
-    from sum.data.dataset import build_dataset
-    from sum.io import S3Options
-    from sum.model.checkpoint import load_model
-    from sum.tracking import json_metrics, stage_run
-    from sum.uncertainty.refine import load_refiner
-
-    ucfg = cfg.uncertainty
-    pseudo_dir = cfg.pseudo.out_dir
-    names = list(ucfg.datasets) or pseudo_datasets(pseudo_dir)
-    unknown = [n for n in names if n not in cfg.data.datasets]
-    if unknown:
-        raise ValueError(f"uncertainty.datasets: unknown dataset(s) {unknown}; known: {sorted(cfg.data.datasets)}")
-    torch.manual_seed(0)  # a randomly initialised model (no checkpoint) is the embed stage's
-    model = load_model(cfg.model, s3=S3Options.from_config(cfg.storage.s3))
-    refiner, _ = load_refiner(cfg.refine.out, device=model.device)
-    datasets = {n: build_dataset(cfg.data.datasets[n], n) for n in names}
-    embed_dir = getattr(getattr(cfg, "embed", None), "out_dir", None)
-    with stage_run(cfg.tracking, "uncertainty", params={"uncertainty": ucfg}) as tracker:
-        stats = compute_uncertainty(refiner, model, datasets, pseudo_dir, ucfg, embed_dir)
-        tracker.log_metrics(json_metrics(stats), step=0)
-    return stats

@@ -119,11 +119,7 @@ def calc_iou(probs_n1hw: Tensor, target_n1hw: Tensor) -> Tensor:
 
 
 def uncertainty_aware_focal_loss(
-    logits_n1hw: Tensor,
-    target_n1hw: Tensor,
-    certainty_n1hw: Optional[Tensor] = None,
-    alpha: float = 0.25,
-    gamma: float = 2.0,
+    logits_n1hw: Tensor, target_n1hw: Tensor, certainty_n1hw: Optional[Tensor] = None, alpha: float = 0.25, gamma: float = 2.0
 ) -> Tensor:
     """Uncertainty-aware focal loss, paper Eq. 1 (spec §5.3).
 
@@ -143,11 +139,7 @@ def uncertainty_aware_focal_loss(
 
 
 def uncertainty_aware_dice_loss(
-    logits_n1hw: Tensor,
-    target_n1hw: Tensor,
-    certainty_n1hw: Optional[Tensor] = None,
-    threshold: float = 0.6,
-    smooth: float = 1.0,
+    logits_n1hw: Tensor, target_n1hw: Tensor, certainty_n1hw: Optional[Tensor] = None, threshold: float = 0.6, smooth: float = 1.0
 ) -> Tensor:
     """Uncertainty-aware Dice loss, paper Eq. 2 (spec §5.4).
 
@@ -274,11 +266,7 @@ def combined_loss(
     *,
     is_pseudo_n: Optional[Tensor] = None,
     image_ids_n: Optional[Tensor] = None,
-    threshold: float = 0.6,
-    alpha: float = 0.25,
-    gamma: float = 2.0,
-    smooth: float = 1.0,
-    weights: LossWeights = LossWeights(),
+    **options,
 ) -> Dict[str, Tensor]:
     """Scalar loss of one round over a batch mixing labeled and pseudo-labeled masks (spec §5.5,
     §5.7, A4).
@@ -296,7 +284,8 @@ def combined_loss(
         means every row is treated as labeled (also the Vanilla baseline, spec §9).
       is_pseudo_n: (N,) bool, True for pseudo-labeled rows; None trusts ``certainty_n1hw``.
       image_ids_n: (N,) int, the image each mask comes from.
-      threshold, alpha, gamma, smooth, weights: as in ``sam_loss``.
+      options: ``threshold``, ``alpha``, ``gamma``, ``smooth``, ``weights``, passed to ``sam_loss``
+        (same defaults).
     Returns:
       dict of scalars ``loss``, ``mask``, ``focal``, ``dice``, ``iou`` (same meaning as in
       ``sam_loss``, averaged as above).
@@ -310,16 +299,6 @@ def combined_loss(
             certainty_n1hw,
             torch.ones_like(certainty_n1hw),
         )
-    per_sample = sam_loss(
-        logits_nmhw,
-        iou_pred_nm,
-        target_n1hw,
-        certainty_n1hw,
-        threshold=threshold,
-        alpha=alpha,
-        gamma=gamma,
-        smooth=smooth,
-        weights=weights,
-    )
+    per_sample = sam_loss(logits_nmhw, iou_pred_nm, target_n1hw, certainty_n1hw, **options)
     w_n = _per_image_weights(image_ids_n, n, logits_nmhw.device).to(per_sample["loss"].dtype)
     return {k: (w_n * per_sample[k]).sum() for k in ("loss", "mask", "focal", "dice", "iou")}
