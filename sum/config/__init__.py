@@ -45,11 +45,3 @@ from sum.config.stages import (
     TrainConfig,
     UncertaintyConfig,
 )
-
-__all__ = [
-    "PARAMS_DIR", "ConfigError", "compose", "load_params", "params_yaml_text", "register_configs", "to_yaml",
-    "validated", "AcquireConfig", "DataConfig", "DatasetConfig", "PhotosConfig", "RealBenchConfig", "S3Config",
-    "SourceConfig", "StorageConfig", "ValidateConfig", "WorldConfig", "WorldSetConfig", "Config", "DemoConfig",
-    "EmbedConfig", "EvalConfig", "FlowConfig", "MethodConfig", "ModelConfig", "PseudoConfig", "RefineConfig",
-    "RegistryConfig", "TrackingConfig", "TrainConfig", "UncertaintyConfig",
-]

@@ -17,6 +17,9 @@ class S3Config:
     secret_access_key: Optional[str] = None
     profile: Optional[str] = None
 
+    def __repr__(self) -> str:  # credentials must never reach a log line
+        return f"{type(self).__name__}(endpoint_url={self.endpoint_url!r}, region={self.region!r})"
+
 
 @dataclass
 class StorageConfig:

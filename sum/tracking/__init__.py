@@ -28,10 +28,3 @@ from sum.tracking.runs import (
     start_run,
     tracking_uri,
 )
-
-__all__ = [
-    "PIPELINE_KEY_TAG", "PIPELINE_RUN_FILE", "PipelineParent", "dvc_lineage", "pipeline_key", "pipeline_parent", "recorded_parent",
-    "DEFAULT_TRACKING_URI", "EVAL_MD5_TAG", "FLOW_RUN_ENV", "FLOW_RUN_TAG", "GIT_COMMIT_TAG", "MODEL_MD5_TAG",
-    "PARENT_RUN_TAG", "NullTracker", "RunTracker", "flatten", "git_commit", "global_tracking_uri", "json_metrics",
-    "stage_run", "start_run", "tracking_uri",
-]
