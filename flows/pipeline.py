@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import queue
 import shutil
@@ -44,11 +45,23 @@ from typing import Callable, Iterable, Optional
 import warnings
 
 import yaml
+from omegaconf import OmegaConf
 from prefect import flow, get_run_logger, task
 
 # the flow's parameter `register` shadows a name of pydantic's validation model; harmless
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact  # noqa: E402 (after the filter above)
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate  # noqa: E402
+from prefect.concurrency.sync import concurrency  # noqa: E402
+from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound  # noqa: E402
+from prefect.logging import get_logger  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+
+from sum import tracking  # noqa: E402
+from sum.config import load_params, params_yaml_text  # noqa: E402
+from sum.io import atomic_write_text  # noqa: E402
+from sum.tracking import dvc_lineage, flatten, tracking_uri  # noqa: E402
 
 LOG_TAIL = 20  # lines of a failed stage's log named in the failure message
 ARTIFACT_KEYS = {
@@ -98,10 +111,6 @@ def stage_order(repo: str | os.PathLike) -> list[str]:
 
 def _logger():
     """The run logger inside a flow or task run; the module logger when called through ``.fn()``."""
-    import logging
-
-    from prefect.exceptions import MissingContextError
-
     try:
         return get_run_logger()
     except MissingContextError:
@@ -209,12 +218,6 @@ def dvc_remote(command: str, repo: str, env: Optional[dict] = None, timeout_s: f
 def compose_params(repo: str, overrides: list[str]) -> bool:
     """Write ``params.yaml`` as ``dvc exp run -S ...`` composes it (``params/`` + ``overrides``);
     returns whether it changed. A bad override fails naming the key."""
-    from omegaconf import OmegaConf
-
-    from sum.config import params_yaml_text
-    from sum.io import atomic_write_text
-    from sum.tracking import flatten
-
     path, config_dir = Path(repo) / "params.yaml", Path(repo) / "params"
     if not (config_dir / "config.yaml").is_file():
         if overrides:
@@ -247,11 +250,6 @@ def repo_limit_name(repo: str) -> str:
 @contextlib.contextmanager
 def repo_slot(repo: str):
     """Hold the repository's slot of a global concurrency limit of 1 (created when missing)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
     name = repo_limit_name(repo)
     with get_client(sync_client=True) as client:
         try:
@@ -268,21 +266,16 @@ def recorded_parent(repo: str):
     (`sum.tracking.recorded_parent`, resolved inside ``repo`` as its stages resolve it). The flow
     creates none itself: the first stage that runs does (through the CLI), tagged with this flow
     run's id, so a run that runs nothing leaves no trace in MLflow."""
-    from sum.config import load_params
-    from sum.tracking import recorded_parent as lookup
-
     params = Path(repo) / "params.yaml"
     if not params.is_file():
         return None
     with contextlib.chdir(repo):
-        return lookup(load_params(params).tracking, root=".")
+        return tracking.recorded_parent(load_params(params).tracking, root=".")
 
 
 def tag_stage_runs(parent, stage: str, repo: str, since_ms: int) -> None:
     """Tag the MLflow runs a stage started (children of ``parent`` since ``since_ms``) with the
     ``dvc.lock`` md5s of the stage's inputs (``dvc.<path>``)."""
-    from sum.registry.register import dvc_lineage
-
     lock = Path(repo) / "dvc.lock"
     entries = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.is_file() else {}
     names = [n for n in entries if n == stage or n.startswith(f"{stage}@")]
@@ -335,8 +328,6 @@ def mlflow_links(uri: str, parent_run_id: Optional[str], experiment_id: Optional
 
 def publish(repo: str, parent, ran_register: bool) -> None:
     """The flow's artifacts (module docstring), from the files the stages wrote."""
-    from sum.config import load_params
-
     cfg = load_params(Path(repo) / "params.yaml")
     table = _read(Path(repo) / cfg.eval.out_dir / "table.md")
     if table:
@@ -348,8 +339,6 @@ def publish(repo: str, parent, ran_register: bool) -> None:
                                  description="Model registry decision")
     if parent is not None:
         experiment = parent.client.get_run(parent.run_id).info.experiment_id
-        from sum.tracking import tracking_uri
-
         with contextlib.chdir(repo):
             uri = tracking_uri(cfg.tracking.uri)
         links = mlflow_links(uri, parent.run_id, experiment, register_json if ran_register else None)
@@ -359,10 +348,6 @@ def publish(repo: str, parent, ran_register: bool) -> None:
 def report_failure(flow, flow_run, state) -> None:
     """``on_failure`` / ``on_crashed`` hook: one message naming the failed stage and the last lines
     of its log, as an ERROR log line and the ``sum-pipeline-failure`` artifact."""
-    import logging
-
-    from prefect.logging import get_logger
-
     try:
         exc = state.result(raise_on_failure=False)
     except Exception as e:  # noqa: BLE001 (a result that cannot be read is itself the error)
@@ -406,10 +391,6 @@ def sum_pipeline(
       register: run the ``register`` stage (MLflow model registry).
       pull: ``dvc pull`` first (a fresh worker checkout with the team's remote).
     """
-    from prefect.runtime import flow_run
-
-    from sum.config import load_params
-
     repo = str(Path(repo).resolve())
     overrides = list(overrides or [])
     chosen = select(stage_order(repo), stages, register)

@@ -2,7 +2,7 @@
 
 Without overrides a stage reads the composed ``params.yaml`` in the working directory, exactly as
 ``dvc repro`` runs it. With overrides (``model=vit_b``, ``eval.demo.max_images=2``) the config is
-composed from ``params/`` the way ``dvc exp run -S`` does. ``sum params`` writes that composition
+composed from ``params/`` the way ``dvc exp run -S`` does. ``sumseg params`` writes that composition
 to ``params.yaml``.
 """
 
@@ -138,7 +138,7 @@ def cmd_pull(cfg: Config, args: argparse.Namespace) -> None:
     from sum.registry.pull import pull
 
     if len(args.overrides) != 1 or not args.out:
-        raise SystemExit("sum pull: usage: sum pull models:/<name>@<alias> --out FILE [--format sum|sam]")
+        raise SystemExit("sumseg pull: usage: sumseg pull models:/<name>@<alias> --out FILE [--format sum|sam]")
     pull(args.overrides[0], args.out, args.format, tracking=cfg.tracking.uri)
 
 
@@ -147,7 +147,7 @@ def cmd_export_sam(cfg: Config, args: argparse.Namespace) -> None:
     from sum.model.export import export_sam
 
     if not args.src or not args.out:
-        raise SystemExit("sum export-sam: --src SUM_CHECKPOINT and --out SAM_STATE_DICT are required")
+        raise SystemExit("sumseg export-sam: --src SUM_CHECKPOINT and --out SAM_STATE_DICT are required")
     export_sam(args.src, args.out, sha256=args.sha256, s3=S3Options.from_config(cfg.storage.s3))
     log.info("wrote %s", args.out)
 
@@ -175,7 +175,7 @@ STAGES: dict[str, Callable[[Config, argparse.Namespace], None]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sum", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="sumseg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=sorted(STAGES), help="what to run")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=vit_b train.lr=1e-4 (pull: the models:/ URI)")
     p.add_argument("--params", default="params.yaml", help="composed params file (default: params.yaml)")
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         # one clear line, naming the file or key, is what the user needs; tracebacks with -v
         if args.verbose:
             raise
-        print(f"sum {args.stage}: error: {e}", file=sys.stderr)
+        print(f"sumseg {args.stage}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         status = "KILLED"

@@ -18,9 +18,10 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
+
+from sum.config.data import S3Config
 
 log = logging.getLogger(__name__)
 
@@ -31,23 +32,14 @@ class FetchError(RuntimeError):
     """A source could not be read or failed its checksum; the message names it."""
 
 
-@dataclass
-class S3Options:
-    """S3 endpoint, region and credentials; ``None`` falls back to the AWS environment."""
-
-    endpoint_url: Optional[str] = None
-    region: Optional[str] = None
-    access_key_id: Optional[str] = None
-    secret_access_key: Optional[str] = None
-    profile: Optional[str] = None
+class S3Options(S3Config):
+    """S3 endpoint, region and credentials (`S3Config`'s fields); ``None`` falls back to the AWS
+    environment. Its repr never shows the credentials."""
 
     @classmethod
     def from_config(cls, cfg) -> "S3Options":
         """Build from an ``S3Config`` (or anything with the same attributes)."""
         return cls(**{k: getattr(cfg, k, None) for k in cls.__dataclass_fields__})
-
-    def __repr__(self) -> str:  # credentials must never reach a log line
-        return f"S3Options(endpoint_url={self.endpoint_url!r}, region={self.region!r})"
 
 
 def _file_digest(path: str | os.PathLike, h) -> str:

@@ -19,7 +19,7 @@ def test_export_sam_cli_writes_a_stock_sam_state_dict(tmp_path, tiny_cfg):
     src = save_sum_checkpoint(model, tiny_cfg, tmp_path / "sum.ckpt")
     out = tmp_path / "sam.pth"
     r = subprocess.run(
-        [sys.executable, "-m", "sum.cli", "export-sam", "--src", str(src), "--out", str(out)],
+        [sys.executable, "-m", "sum", "export-sam", "--src", str(src), "--out", str(out)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -35,7 +35,7 @@ def test_export_sam_cli_writes_a_stock_sam_state_dict(tmp_path, tiny_cfg):
 
 def test_export_sam_cli_missing_file_is_one_line(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "sum.cli", "export-sam", "--src", str(tmp_path / "nope.ckpt"), "--out", "x.pth"],
+        [sys.executable, "-m", "sum", "export-sam", "--src", str(tmp_path / "nope.ckpt"), "--out", "x.pth"],
         capture_output=True,
         text=True,
         cwd=tmp_path,

@@ -12,11 +12,11 @@ from conftest import REPO
 
 
 def test_params_yaml_in_sync_with_params_dir():
-    """`dvc repro` reads params.yaml; it must equal the composition of params/ (run `sum params`)."""
+    """`dvc repro` reads params.yaml; it must equal the composition of params/ (run `sumseg params`)."""
     committed = yaml.safe_load((REPO / "params.yaml").read_text())
     composed = yaml.safe_load(to_yaml(compose([])))
     loaded = yaml.safe_load(to_yaml(load_params(REPO / "params.yaml")))
-    assert loaded == composed, "params.yaml is stale: run `sum params` and commit it"
+    assert loaded == composed, "params.yaml is stale: run `sumseg params` and commit it"
     assert committed == yaml.safe_load(params_yaml_text())
 
 
@@ -78,7 +78,7 @@ def test_cli_bad_key_is_one_clear_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  bogus: 3\n")
     r = subprocess.run(
-        [sys.executable, "-m", "sum.cli", "demo", "--params", str(bad)],
+        [sys.executable, "-m", "sum", "demo", "--params", str(bad)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -91,7 +91,7 @@ def test_cli_bad_key_is_one_clear_line(tmp_path):
 def test_cli_params_writes_the_composition(tmp_path):
     out = tmp_path / "params.yaml"
     r = subprocess.run(
-        [sys.executable, "-m", "sum.cli", "params", "--params", str(out), "train.iterations=7"],
+        [sys.executable, "-m", "sum", "params", "--params", str(out), "train.iterations=7"],
         capture_output=True,
         text=True,
         cwd=tmp_path,

@@ -191,7 +191,7 @@ def test_a_failed_run_names_the_stage_and_its_last_log_line(prefect_api, tmp_pat
         failure = [a for a in art if a.key == ARTIFACT_KEYS["failure"]]
     assert failure, [a.key for a in art]
     text = failure[0].data
-    assert "stage `world`" in text and "sum world: error: negative dimensions are not allowed" in text, text
+    assert "stage `world`" in text and "sumseg world: error: negative dimensions are not allowed" in text, text
 
 
 def test_bad_override_fails_naming_the_key(prefect_api, tmp_path):

@@ -38,7 +38,7 @@ def test_every_stage_is_a_cli_command_with_known_params():
     assert {"finetune@hq_only", "finetune@vanilla", "finetune@sum", "evaluate"} <= set(stages)
     for name, stage in stages.items():
         cmd = stage["cmd"].split()
-        assert cmd[0] == "sum" and cmd[1] in STAGES, f"stage {name}: cmd {stage['cmd']!r}"
+        assert cmd[0] == "sumseg" and cmd[1] in STAGES, f"stage {name}: cmd {stage['cmd']!r}"
         for key in stage.get("params", []):
             _lookup(params, key)  # KeyError names a param that params.yaml lacks
         for dep in stage.get("deps", []):

@@ -1,4 +1,4 @@
-"""The README's commands stay valid: every ``sum <stage> ...`` line of its bash blocks parses with
+"""The README's commands stay valid: every ``sumseg <stage> ...`` line of its bash blocks parses with
 the CLI's own parser and its overrides compose, and every inline ``dvc exp run -S ...`` sets keys
 the config has. A renamed key or stage breaks this test instead of a user's first run."""
 
@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -13,16 +16,17 @@ import pytest
 from sum.cli import build_parser
 from sum.config import ConfigError, compose
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
 
 
 def sum_commands(text: str) -> list[list[str]]:
-    """Argument lists (after the program) of the ``sum`` command lines in the bash blocks."""
+    """Argument lists (after the program) of the ``sumseg`` command lines in the bash blocks."""
     out = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             tokens = shlex.split(line, comments=True)
-            if tokens and Path(tokens[0]).name == "sum":
+            if tokens and Path(tokens[0]).name == "sumseg":
                 out.append(tokens[1:])
     return out
 
@@ -61,3 +65,21 @@ def test_a_renamed_key_would_fail():
     """The check above is not vacuous: an override of a key the config lacks is refused."""
     with pytest.raises(ConfigError):
         compose(["train.learning_rate=1e-5"])
+
+
+def test_the_cli_is_sumseg_everywhere():
+    """The command is ``sumseg`` (``sum`` is coreutils' checksum tool): the installed script, every
+    ``dvc.yaml`` stage, the flows, the README's command lines; ``python -m sum`` is the same CLI."""
+    import yaml
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"sumseg": "sum.cli:main"}
+    assert build_parser().prog == "sumseg"
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    cmds = [s["do"]["cmd"] if "do" in s else s["cmd"] for s in stages.values()]
+    assert cmds and all(shlex.split(c)[0] == "sumseg" for c in cmds), cmds
+    plain = r"(?<![\w./-])(?<!-m )sum (?:" + "|".join(map(re.escape, build_parser()._actions[1].choices)) + r")\b"
+    for path in [README, REPO / "dvc.yaml", *sorted((REPO / "flows").glob("*.py")), REPO / "prefect.yaml"]:
+        assert not re.search(plain, path.read_text()), f"{path.name} still calls `sum <stage>`"
+    r = subprocess.run([sys.executable, "-m", "sum", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: sumseg "), r.stderr[-2000:]

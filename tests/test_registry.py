@@ -113,7 +113,7 @@ def test_decide_each_way():
 
 
 def tiny_checkpoint(path: Path, seed: int) -> Path:
-    """A tiny SUM checkpoint with non-zero task vectors (ids 1-3), as `sum finetune` writes it."""
+    """A tiny SUM checkpoint with non-zero task vectors (ids 1-3), as `sumseg finetune` writes it."""
     from sum.model.build import build_sum_model
     from sum.model.checkpoint import save_sum_checkpoint
 
@@ -476,7 +476,7 @@ def test_pull_writes_the_checkpoint_or_a_stock_sam_state_dict(champion, tmp_path
     root, uri, name = champion
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     env.pop("MLFLOW_RUN_ID", None)
-    r = subprocess.run([sys.executable, "-m", "sum.cli", "pull", f"models:/{name}@champion", "--out",
+    r = subprocess.run([sys.executable, "-m", "sum", "pull", f"models:/{name}@champion", "--out",
                         str(tmp_path / "model.pt"), "--format", "sum"],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

