@@ -1,4 +1,4 @@
-"""The DVC pipeline: stages are `sum <stage>` shells with honest params, and real `dvc repro`
+"""The DVC pipeline: stages are `sumseg <stage>` shells with honest params, and real `dvc repro`
 runs a stage once and then nothing."""
 
 import os
@@ -49,6 +49,40 @@ def test_every_stage_is_a_cli_command_with_known_params():
         assert stages[f"finetune@{m}"]["cmd"].split()[-1] == m
         assert f"models/{m}.pt" in stages[f"finetune@{m}"]["outs"] and f"models/{m}.pt" in stages["evaluate"]["deps"]
         assert params["eval"]["models"][m] == f"models/{m}.pt"
+
+
+
+BASE_MODULES = ("sum/config/", "sum/tracking/", "sum/io.py", "sum/tasks.py", "sum/progress.py", "sum/__init__.py")
+
+
+def test_a_stage_depends_on_the_code_it_runs():
+    """Every module a stage's command imports (its CLI command's imports and all they import, base
+    modules aside) is a dep of the stage, as a file or under a listed folder, so changed code re-runs it."""
+    import ast
+
+    from test_imports import MODULES, SUM, sum_imports
+
+    cli = ast.parse((SUM / "cli.py").read_text())
+    commands = {n.name: [m.module for m in ast.walk(n) if isinstance(m, ast.ImportFrom) and (m.module or "").startswith("sum.")]
+                for n in cli.body if isinstance(n, ast.FunctionDef) and n.name.startswith("cmd_")}
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    for name, stage in dvc["stages"].items():
+        stage = stage.get("do", stage)
+        todo = list(commands["cmd_" + stage["cmd"].split()[1].replace("-", "_")])
+        seen = set()
+        while todo:
+            m = todo.pop()
+            if m in seen or m not in MODULES:
+                continue
+            seen.add(m)
+            for target, _, _, _ in sum_imports(m):
+                parts = target.split(".")
+                todo += [".".join(parts[:i]) for i in range(2, len(parts) + 1)]
+        files = {MODULES[m].relative_to(REPO).as_posix() for m in seen}
+        deps = [d for d in stage["deps"] if d.startswith("sum")]
+        missing = sorted(f for f in files if not f.startswith(BASE_MODULES)
+                         and not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
+        assert len(files) > 3 and not missing, f"stage {name}: code it runs is not among its deps: {missing}"
 
 
 def _run(cmd, cwd, env):

@@ -83,3 +83,29 @@ def test_the_cli_is_sumseg_everywhere():
         assert not re.search(plain, path.read_text()), f"{path.name} still calls `sum <stage>`"
     r = subprocess.run([sys.executable, "-m", "sum", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("usage: sumseg "), r.stderr[-2000:]
+
+
+def test_the_library_names_the_readme_gives_exist():
+    """Every ```sum.<module>.<name>``` the README names (the stage table's library calls and the
+    like) resolves: a moved function breaks this test instead of a reader's search."""
+    import importlib
+
+    names = sorted(set(re.findall(r"`(sum(?:\.[A-Za-z_][A-Za-z0-9_]*)+)`", README.read_text())))
+    assert len(names) > 10
+    missing = []
+    for dotted in names:
+        parts = dotted.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ModuleNotFoundError:
+                continue
+            try:
+                for attr in parts[cut:]:
+                    obj = getattr(obj, attr)
+            except AttributeError:
+                missing.append(dotted)
+            break
+        else:
+            missing.append(dotted)
+    assert not missing, f"README names what the library lacks: {missing}"

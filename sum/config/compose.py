@@ -67,7 +67,7 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Config:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: params file not found (run `sum params` to compose it)")
+        raise FileNotFoundError(f"{path}: params file not found (run `sumseg params` to compose it)")
     return validated(OmegaConf.load(path), str(path))
 
 

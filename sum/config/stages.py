@@ -213,7 +213,7 @@ class TrackingConfig:
 
 @dataclass
 class DemoConfig:
-    """The first look at the model: 1-click masks on a few benchmark images (``sum demo``)."""
+    """The first look at the model: 1-click masks on a few benchmark images (``sumseg demo``)."""
 
     datasets: List[str] = field(default_factory=list)  # names in data.datasets; empty = all benchmarks
     max_images: int = 2  # per dataset
@@ -224,7 +224,7 @@ class DemoConfig:
 
 @dataclass
 class EvalConfig:
-    """Benchmark evaluation (spec §10; ``sum evaluate``, `sum.eval.evaluate.run_evaluate`).
+    """Benchmark evaluation (spec §10; ``sumseg evaluate``, `sum.eval.evaluate.run_evaluate`).
 
     ``models`` maps a column name to a checkpoint: "" is ``model`` itself (the foundation
     checkpoint), a path a SUM checkpoint of ``finetune`` (the method stored in its meta decides

@@ -46,7 +46,7 @@ def build_photo_pool(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, pac
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     missing = [n for n in PHOTOS if not (raw_dir / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"{raw_dir / missing[0]}: photo not acquired (run `sum acquire`)")
+        raise FileNotFoundError(f"{raw_dir / missing[0]}: photo not acquired (run `sumseg acquire`)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

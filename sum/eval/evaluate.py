@@ -181,7 +181,7 @@ def _run_info(cfg, models, names, dataset_task, trained_tasks, records, summary,
 
 def _log_outputs(tracker, paths: Dict, metrics: Dict, summary: Dict, timings: Dict[str, float]) -> None:
     """Tag the run with the metrics file's md5 and log metrics, curves, timings and output files."""
-    tracker.set_tags({EVAL_MD5_TAG: md5_file(paths["metrics"])})  # how `sum register` finds this run
+    tracker.set_tags({EVAL_MD5_TAG: md5_file(paths["metrics"])})  # how `sumseg register` finds this run
     tracker.log_metrics(report.mlflow_metrics(metrics), step=0)
     for step, values in report.mlflow_curves(summary).items():
         tracker.log_metrics(values, step=step)

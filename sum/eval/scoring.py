@@ -86,7 +86,7 @@ def check_checkpoints(models: Dict[str, str]) -> None:
     for name, uri in models.items():
         if uri and not _is_remote(str(uri)) and not Path(uri).is_file():
             raise FileNotFoundError(
-                f"eval.models.{name}: checkpoint {uri} not found (train it with `sum finetune`, "
+                f"eval.models.{name}: checkpoint {uri} not found (train it with `sumseg finetune`, "
                 f"point eval.models.{name} at another file, or drop the model with ~eval.models.{name})"
             )
 

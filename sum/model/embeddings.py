@@ -103,7 +103,7 @@ def embed_datasets(
 
     Arguments:
       model (Sam): the model (weights loaded, fast path as configured); only its encoder runs.
-      datasets: name -> `sum.data.dataset.SegDataset` (``image_ids``, ``image_path(i)``).
+      datasets: name -> `sum.data.sample.SegDataset` (``image_ids``, ``image_path(i)``).
       out_dir: the cache folder.
       dtype (str): "float16" (default) or "float32", the storage dtype of the features.
 
@@ -223,7 +223,7 @@ class EmbeddingCache:
             path = self.out_dir / dataset / INDEX_NAME
             index = _read_index(path)
             if index is None:
-                raise FileNotFoundError(f"{path}: no embedding index for dataset {dataset!r} (run `sum embed`)")
+                raise FileNotFoundError(f"{path}: no embedding index for dataset {dataset!r} (run `sumseg embed`)")
             self._indexes[dataset] = index
         return self._indexes[dataset]
 
@@ -256,7 +256,7 @@ class EmbeddingCache:
         index = self.index(dataset)
         entry = index["images"].get(str(image_id))
         if entry is None or not path.is_file():
-            raise FileNotFoundError(f"{path}: no embedding of image {image_id!r} of dataset {dataset!r} (run `sum embed`)")
+            raise FileNotFoundError(f"{path}: no embedding of image {image_id!r} of dataset {dataset!r} (run `sumseg embed`)")
         record = read_embedding_record(path)
         expected = fingerprint or self.fingerprint
         if record.get("fingerprint") != index.get("fingerprint") or (expected and record.get("fingerprint") != expected):

@@ -80,7 +80,7 @@ class PseudoLabelDataset(SegDataset):
         self.epoch = 0
         shards = list_shards(pseudo_dir, dataset)
         if not shards:
-            raise FileNotFoundError(f"{self.source}: no pseudo-label shards (run `sum pseudolabel`)")
+            raise FileNotFoundError(f"{self.source}: no pseudo-label shards (run `sumseg pseudolabel`)")
         self.images: list[dict] = []  # image record + "shard", "annotations" (ratio-filtered), "img_size"
         self.n_masks = self.n_kept = 0
         config_hash = None

@@ -12,8 +12,8 @@ The oracle shards have the layout of `sum.pseudo.store` (records of the generato
 and therefore no uncertainty maps. Train on them with the uncertainty-aware loss and sampling
 off (``method.use_uncertainty_loss=false method.use_uncertainty_sampling=false``), e.g.::
 
-    sum oracle-pool --out data/pseudo_oracle
-    sum finetune --method sum train.pseudo_dir=data/pseudo_oracle train.model_dir=models/oracle \\
+    sumseg oracle-pool --out data/pseudo_oracle
+    sumseg finetune --method sum train.pseudo_dir=data/pseudo_oracle train.model_dir=models/oracle \\
         method.use_uncertainty_loss=false method.use_uncertainty_sampling=false
 
 Two more modes take the real pool's pseudo labels as the starting point, to tell which half of

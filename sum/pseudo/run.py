@@ -106,12 +106,12 @@ def _plan(cfg, name: str, fingerprint: str) -> Tuple[List[List[Dict[str, Any]]],
     index = cache.index(name)
     index_path = Path(cfg.embed.out_dir) / name / INDEX_NAME
     if index.get("fingerprint") != fingerprint:
-        raise ValueError(f"{index_path}: embeddings made by another image encoder than model {cfg.model.name!r} (run `sum embed`)")
+        raise ValueError(f"{index_path}: embeddings made by another image encoder than model {cfg.model.name!r} (run `sumseg embed`)")
     images = []
     for i, image_id in enumerate(ds.image_ids):
         entry = index["images"].get(str(image_id))
         if entry is None:
-            raise ValueError(f"{index_path}: no embedding of image {image_id!r} of dataset {name!r} (run `sum embed`)")
+            raise ValueError(f"{index_path}: no embedding of image {image_id!r} of dataset {name!r} (run `sumseg embed`)")
         file_name = os.path.relpath(ds.image_path(i), dcfg.images)
         h, w = entry["original_size"]
         images.append(

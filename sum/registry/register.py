@@ -262,14 +262,14 @@ def register(cfg) -> Dict[str, Any]:
         raise ValueError("tracking.enabled=false: the register stage needs MLflow (its registry is the output)")
     where = str(cfg.eval.metrics)
     if not Path(where).is_file():
-        raise FileNotFoundError(f"{where}: evaluation metrics not found (run `sum evaluate` first)")
+        raise FileNotFoundError(f"{where}: evaluation metrics not found (run `sumseg evaluate` first)")
     metrics = json.loads(Path(where).read_text())
     deltas = gate.read_deltas(Path(cfg.eval.out_dir) / "deltas.csv")
     reference = reference_model(cfg.eval)
     checkpoints = {m: Path(cfg.train.model_dir) / f"{m}.pt" for m in rc.methods}
     for method, path in checkpoints.items():
         if not path.is_file():
-            raise FileNotFoundError(f"registry.methods: {method}: checkpoint {path} not found (run `sum finetune --method {method}`)")
+            raise FileNotFoundError(f"registry.methods: {method}: checkpoint {path} not found (run `sumseg finetune --method {method}`)")
     columns = {m: eval_column(cfg, p, m) for m, p in checkpoints.items()}
     judgements = {m: judge(cfg, metrics, deltas, columns[m], reference, where) for m in rc.methods}
 

@@ -197,7 +197,7 @@ def prepare_item(
     generator: torch.Generator,
     keep_image: bool,
 ) -> TrainItem:
-    """A `sum.data.dataset.Sample` -> a `TrainItem` (module docstring, spec §3.5, §3.7, A9, A10).
+    """A `sum.data.sample.Sample` -> a `TrainItem` (module docstring, spec §3.5, §3.7, A9, A10).
 
     Masks beyond ``max_masks`` are dropped at random (`choose_masks`); masks that are empty in the
     loss frame are dropped too (they cannot be prompted, spec A8).

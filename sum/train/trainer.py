@@ -309,6 +309,6 @@ def write_results(run: TrainRun, cfg, result: Dict) -> None:
         tracker.log_metrics({"final_loss": result["final_loss"] or 0.0, "samples_per_s": result["samples_per_s"] or 0.0}, step)
         tracker.log_artifact(paths.model, artifact_path="model")
         tracker.log_artifact(paths.metrics, artifact_path="metrics")
-        tracker.set_tags({MODEL_MD5_TAG: md5_file(paths.model)})  # how `sum register` finds this run
+        tracker.set_tags({MODEL_MD5_TAG: md5_file(paths.model)})  # how `sumseg register` finds this run
     tracker.finish("FINISHED")
     teardown(run.info)

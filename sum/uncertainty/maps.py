@@ -317,7 +317,7 @@ def read_uncertainty_shard(out_dir: str | os.PathLike, dataset: str, shard: int)
     json_path, npz_path = uncertainty_paths(out_dir, dataset, shard)
     for p in (json_path, npz_path):
         if not p.is_file():
-            raise FileNotFoundError(f"{p}: uncertainty shard not found (run `sum uncertainty`)")
+            raise FileNotFoundError(f"{p}: uncertainty shard not found (run `sumseg uncertainty`)")
     doc = read_tagged_json(json_path, UNCERTAINTY_FORMAT, "uncertainty shard", "an uncertainty shard")
     u, r = read_npz(npz_path, "uncertainty archive with 'u'", _u_and_r)
     if u.shape[0] != doc.get("n_masks"):

@@ -137,7 +137,7 @@ def load_refiner(path: str | os.PathLike, device: torch.device | str = "cpu") ->
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: refinement-module checkpoint not found (run `sum refine`)")
+        raise FileNotFoundError(f"{path}: refinement-module checkpoint not found (run `sumseg refine`)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (torch.load raises many types on bad bytes)

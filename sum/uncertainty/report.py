@@ -89,7 +89,7 @@ def score_dataset(
         doc, logits = read_shard(pseudo_dir, dataset, shard)
         udoc, u, r = read_uncertainty_shard(uncertainty_dir, dataset, shard)
         if udoc.get("pseudo_config_hash") != doc.get("config_hash"):
-            raise ValueError(f"{Path(uncertainty_dir) / dataset}: shard {shard} was made from other pseudo labels (config_hash differs); rerun `sum uncertainty`")
+            raise ValueError(f"{Path(uncertainty_dir) / dataset}: shard {shard} was made from other pseudo labels (config_hash differs); rerun `sumseg uncertainty`")
         img_size = int(doc.get("img_size", 1024))
         for img in doc["images"]:
             if cfg.max_report_images and len(images) >= cfg.max_report_images:

@@ -69,7 +69,7 @@ def compute_uncertainty(
         embedding_of = embedding_source(model, name, ds, embed_dir)
         shards = list_shards(pseudo_dir, name)
         if not shards:
-            raise FileNotFoundError(f"{Path(pseudo_dir) / name}: no pseudo-label shards (run `sum pseudolabel`)")
+            raise FileNotFoundError(f"{Path(pseudo_dir) / name}: no pseudo-label shards (run `sumseg pseudolabel`)")
         mean_u, frac = [], []
         for shard in shards:
             doc, logits = read_shard(pseudo_dir, name, shard)
