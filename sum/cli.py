@@ -9,6 +9,7 @@ to ``params.yaml``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -46,12 +47,6 @@ def cmd_acquire(cfg: Config, args: argparse.Namespace) -> None:
     acquire(cfg.data.acquire, s3=S3Options.from_config(cfg.storage.s3))
 
 
-def cmd_world(cfg: Config, args: argparse.Namespace) -> None:
-    from sum.data.synthetic import run_world
-
-    run_world(cfg)
-
-
 def cmd_realbench(cfg: Config, args: argparse.Namespace) -> None:
     from sum.data.realbench import build_real_benchmarks_from_config
 
@@ -68,40 +63,10 @@ def cmd_photos(cfg: Config, args: argparse.Namespace) -> None:
     build_photo_pool(raw, cfg.data.photos.out_dir, package=cfg.data.acquire.sources[name].package)
 
 
-def cmd_embed(cfg: Config, args: argparse.Namespace) -> None:
-    from sum.model.embeddings import run_embed
-
-    run_embed(cfg)
-
-
-def cmd_pseudolabel(cfg: Config, args: argparse.Namespace) -> None:
-    from sum.pseudo.run import pseudolabel
-
-    pseudolabel(cfg)
-
-
 def cmd_oracle_pool(cfg: Config, args: argparse.Namespace) -> None:
     from sum.pseudo.oracle import write_oracle_pool
 
     write_oracle_pool(cfg, args.out or "data/pseudo_oracle", args.oracle, args.min_area)
-
-
-def cmd_refine(cfg: Config, args: argparse.Namespace) -> None:
-    from sum.uncertainty.refine import run_refine
-
-    run_refine(cfg)
-
-
-def cmd_uncertainty(cfg: Config, args: argparse.Namespace) -> None:
-    from sum.uncertainty.stage import run_uncertainty
-
-    run_uncertainty(cfg)
-
-
-def cmd_uncertainty_report(cfg: Config, args: argparse.Namespace) -> None:
-    from sum.uncertainty.report import run_uncertainty_report
-
-    run_uncertainty_report(cfg)
 
 
 def cmd_finetune(cfg: Config, args: argparse.Namespace) -> None:
@@ -114,24 +79,6 @@ def cmd_validate(cfg: Config, args: argparse.Namespace) -> None:
     from sum.data.validate import validate_config
 
     validate_config(cfg.data, out=args.out or "metrics/validate.json")
-
-
-def cmd_demo(cfg: Config, args: argparse.Namespace) -> None:
-    from sum.eval.demo import run_demo
-
-    run_demo(cfg)
-
-
-def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
-    from sum.eval.evaluate import run_evaluate
-
-    run_evaluate(cfg)
-
-
-def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
-    from sum.registry.register import register
-
-    register(cfg)
 
 
 def cmd_pull(cfg: Config, args: argparse.Namespace) -> None:
@@ -152,23 +99,29 @@ def cmd_export_sam(cfg: Config, args: argparse.Namespace) -> None:
     log.info("wrote %s", args.out)
 
 
+# The stages that are one library call on the whole config, as "module:function". A stage's module is
+# imported when the stage runs: importing them all (torch, MLflow) would cost every command seconds.
+CONFIG_STAGES = {
+    "world": "sum.data.synthetic:run_world",
+    "embed": "sum.model.embeddings:run_embed",
+    "pseudolabel": "sum.pseudo.run:pseudolabel",
+    "refine": "sum.uncertainty.refine:run_refine",
+    "uncertainty": "sum.uncertainty.stage:run_uncertainty",
+    "uncertainty-report": "sum.uncertainty.report:run_uncertainty_report",
+    "demo": "sum.eval.demo:run_demo",
+    "evaluate": "sum.eval.evaluate:run_evaluate",
+    "register": "sum.registry.register:register",
+}
+
+
 STAGES: dict[str, Callable[[Config, argparse.Namespace], None]] = {
     "params": cmd_params,
     "acquire": cmd_acquire,
-    "world": cmd_world,
     "realbench": cmd_realbench,
     "photos": cmd_photos,
     "validate": cmd_validate,
-    "embed": cmd_embed,
-    "pseudolabel": cmd_pseudolabel,
     "oracle-pool": cmd_oracle_pool,
-    "refine": cmd_refine,
-    "uncertainty": cmd_uncertainty,
-    "uncertainty-report": cmd_uncertainty_report,
     "finetune": cmd_finetune,
-    "demo": cmd_demo,
-    "evaluate": cmd_evaluate,
-    "register": cmd_register,
     "pull": cmd_pull,
     "export-sam": cmd_export_sam,
 }
@@ -176,7 +129,7 @@ STAGES: dict[str, Callable[[Config, argparse.Namespace], None]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sumseg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=sorted(STAGES), help="what to run")
+    p.add_argument("stage", choices=sorted({*STAGES, *CONFIG_STAGES}), help="what to run")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=vit_b train.lr=1e-4 (pull: the models:/ URI)")
     p.add_argument("--params", default="params.yaml", help="composed params file (default: params.yaml)")
     p.add_argument("--config-dir", default=None, help="Hydra config dir (default: the repo's params/)")
@@ -212,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config(args)
         if args.stage in TRACKED_STAGES:
             parent = pipeline_parent(cfg.tracking, extra=args.overrides)
-        STAGES[args.stage](cfg, args)
+        if args.stage in CONFIG_STAGES:
+            module, function = CONFIG_STAGES[args.stage].split(":")
+            getattr(importlib.import_module(module), function)(cfg)
+        else:
+            STAGES[args.stage](cfg, args)
         status = "FINISHED"
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         # one clear line, naming the file or key, is what the user needs; tracebacks with -v

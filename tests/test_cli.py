@@ -44,3 +44,15 @@ def test_export_sam_cli_missing_file_is_one_line(tmp_path):
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "nope.ckpt" in lines[0]
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_every_config_stage_names_a_library_function():
+    import importlib
+
+    from sum.cli import CONFIG_STAGES, STAGES, build_parser
+
+    assert not set(CONFIG_STAGES) & set(STAGES)
+    assert set(build_parser()._actions[1].choices) == set(CONFIG_STAGES) | set(STAGES)
+    for stage, target in CONFIG_STAGES.items():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), stage
