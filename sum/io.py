@@ -2,7 +2,8 @@
 
 Every failure is one `FetchError` line naming the URI (never the credentials). Every write goes to a
 temporary name beside its destination and is renamed into place only when complete, so nothing
-half-written ever sits under a final name.
+half-written ever sits under a final name. boto3 and torch are imported where used: S3 is
+optional, and torch costs seconds to callers that only read files.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import io
 import logging
 import os
 import shutil
@@ -267,9 +269,7 @@ def atomic_torch_save(obj, dest: str | os.PathLike) -> Path:
     ``torch.save`` to a path names the zip archive's inner folder after the file, so saving to a
     random temporary name made every run's bytes (and DVC hashes) differ; a buffer gets a fixed name.
     """
-    import io
-
-    import torch
+    import torch  # heavy: the library's file I/O is used where torch is not (acquire, the CLI)
 
     buf = io.BytesIO()
     torch.save(obj, buf)

@@ -1,6 +1,7 @@
 """Reading and composing the config: ``params.yaml`` (what ``dvc repro`` reads), ``params/`` with
 Hydra overrides (what ``dvc exp run -S`` composes), validated against the schema with one error
-naming the file and the key."""
+naming the file and the key. Hydra is imported only to compose (stages read ``params.yaml``
+without it)."""
 
 from __future__ import annotations
 

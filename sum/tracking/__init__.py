@@ -1,5 +1,6 @@
 """MLflow tracking: runs of stages and of training (`sum.tracking.runs`), and the one parent run per
-pipeline run that they share (`sum.tracking.pipeline`). Conventions: `sum.tracking.runs`'s docstring."""
+pipeline run that they share (`sum.tracking.pipeline`). Conventions: `sum.tracking.runs`'s docstring.
+MLflow is imported inside the functions that use it: it costs seconds, and tracking may be off."""
 
 from sum.tracking.pipeline import (
     PIPELINE_KEY_TAG,

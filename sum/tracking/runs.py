@@ -163,8 +163,6 @@ class RunTracker(NullTracker):
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log scalar metrics at ``step`` (one batch call)."""
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
