@@ -33,7 +33,7 @@ model's encoder (`encoder_fingerprint`; decoder-mode fine-tunes share the founda
 else encoded once per distinct encoder and shared by the models that have it. All targets of an
 image go through the decoder in one call per round and model. The decoder runs under
 ``eval.precision`` autocast (`decoder_autocast`); upsampling and every metric are fp32. With
-``eval.decoder: fast`` (default) it is computed by `sum.model.folded_decoder.folded_decode`, the
+``eval.decoder: fast`` (default) it is computed by `sum.model.decoder.decode` folded, the
 same function as SAM's ``MaskDecoder``, faster (every target carries its own mask input from
 round 2 on); ``exact`` calls SAM's decoder (bit-identical to `SumPredictor.predict`; the fast
 one agrees to float rounding, so a pixel whose logit is within rounding of 0 may flip).

@@ -31,7 +31,7 @@ from sum.model.checkpoint import (
     resolve_device,
 )
 from sum.model.fast import enable_fast_path
-from sum.model.folded_decoder import folded_decode, upscaling_is_sam
+from sum.model.decoder import decode
 from sum.model.predictor import SumPredictor
 from sum.train.method import checkpoint_method
 
@@ -184,7 +184,7 @@ def decode(
       task_prompt: task id of the round (spec §2.2).
       multimask: 3 outputs if True, else token 0 only.
       autocast: a context manager (default: none, fp32).
-      decoder: ``fast`` (`folded_decode`, when the decoder's layout is SAM's) or ``exact``.
+      decoder: ``fast`` (`sum.model.decoder.decode` folded) or ``exact`` (SAM's ``MaskDecoder``).
 
     Returns:
       masks (B, C, H, W) bool numpy at the original size, low-res logits (B, C, 256, 256) fp32
@@ -206,19 +206,10 @@ def decode(
             sparse_bnc, dense_bchw = model.prompt_encoder(
                 points=points, boxes=box_t, masks=mask_input, task_prompt=task_prompt
             )
-            if decoder == "fast" and upscaling_is_sam(model.mask_decoder):
-                low_res_bchw, _ = folded_decode(
-                    model.mask_decoder, predictor.features, model.prompt_encoder.get_dense_pe(),
-                    sparse_bnc, dense_bchw, multimask,
-                )
-            else:
-                low_res_bchw, _ = model.mask_decoder(
-                    image_embeddings=predictor.features,
-                    image_pe=model.prompt_encoder.get_dense_pe(),
-                    sparse_prompt_embeddings=sparse_bnc,
-                    dense_prompt_embeddings=dense_bchw,
-                    multimask_output=multimask,
-                )
+            pe = model.prompt_encoder.get_dense_pe()
+            low_res_bchw, _ = decode(
+                model.mask_decoder, predictor.features, pe, sparse_bnc, dense_bchw, multimask, exact=decoder == "exact"
+            )
         low_res_bchw = low_res_bchw.float()
         masks_bchw = model.postprocess_masks(low_res_bchw, predictor.input_size, predictor.original_size)
         masks_bchw = masks_bchw > model.mask_threshold

@@ -28,6 +28,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from sum.io import atomic_torch_save, check_format
+from sum.model.decoder import decode
 
 EMBEDDING_FORMAT = "sum-image-embedding/1"
 
@@ -338,12 +339,9 @@ class SumPredictor:
             sparse_bnc, dense_bchw = self.model.prompt_encoder(
                 points=points, boxes=boxes, masks=mask_input, task_prompt=task_prompt
             )
-            low_res_bchw, iou_bc = self.model.mask_decoder(
-                image_embeddings=self.features,
-                image_pe=self.model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse_bnc,
-                dense_prompt_embeddings=dense_bchw,
-                multimask_output=multimask_output,
+            pe = self.model.prompt_encoder.get_dense_pe()
+            low_res_bchw, iou_bc = decode(
+                self.model.mask_decoder, self.features, pe, sparse_bnc, dense_bchw, multimask_output, exact=True
             )
             masks_bchw = self.model.postprocess_masks(low_res_bchw, self.input_size, self.original_size)
             if not return_logits:

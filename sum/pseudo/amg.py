@@ -6,18 +6,12 @@ kept multimask output as float16 (spec §3.3: the pseudo label is ``1[s > 0]``; 
 we store float16 logits instead of 8-bit probabilities, a documented deviation).
 
 The image encoder runs once per crop; SAM's mask decoder, run once per grid point, is most of the
-official generator's time. `sum.pseudo.point_decoder.PointBatchDecoder` computes the same
-function with the prompt-independent work done once per image, the cross-attention projections
-folded onto the prompt side, the predicted-IoU filter before the output upscaling, and only the
-image tokens the resized image covers upscaled until a mask has passed every filter and its
-stored logits are completed. Then, per survivor, the pipeline is the official one: upsample to the
-crop (`Sam.postprocess_masks`, over the same rows), stability score, binarise, box, crop-edge
-filter, RLE, box NMS, all with `segment_anything.utils.amg` functions.
-
-The folded attention is algebraically equal to SAM's; floating-point rounding differs (logits
-agree to ~1e-5), so a mask can differ by a pixel whose logit is within rounding of 0.
-``decoder="exact"`` runs SAM's own `MaskDecoder` instead and is bit-identical to the official
-generator at equal ``points_per_batch``.
+official generator's time, so grid points are decoded by `sum.pseudo.point_decoder.PointBatchDecoder`
+(SAM's function, folded; IoU filter before upscaling). Then, per survivor, the pipeline is the
+official one (upsample, stability score, binarise, box, crop-edge filter, RLE, box NMS) with
+`segment_anything.utils.amg` functions. Float rounding differs from SAM's decoder (logits ~1e-5),
+so a pixel whose logit is within rounding of 0 may flip; ``decoder="exact"`` runs SAM's own
+`MaskDecoder`, bit-identical to the official generator at equal ``points_per_batch``.
 """
 
 from __future__ import annotations

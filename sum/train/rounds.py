@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sum.data.prompts import sample_first_points
-from sum.model.folded_decoder import folded_decode, upscaling_is_sam
+from sum.model.decoder import decode
 from sum.model.losses import combined_loss
 from sum.train.data import TrainItem
 from sum.train.sampling import (
@@ -122,8 +122,7 @@ def prompt_round(
 
     Calls ``prompt_encoder(points, boxes, masks, task_prompt)`` for the box-prompted and the
     point-prompted masks, then the mask decoder once on both (not ``Sam.forward``: it is no_grad
-    and has no task prompt), computed by `sum.model.folded_decoder.folded_decode` when the
-    decoder's layout is SAM's.
+    and has no task prompt), `sum.model.decoder.decode`.
 
     Arguments:
       sam: the SUM model.
@@ -145,19 +144,10 @@ def prompt_round(
         s, d = sam.prompt_encoder(points=points, boxes=boxes, masks=masks, task_prompt=task_prompt)
         sparse.append(s)
         dense.append(d)
-    if upscaling_is_sam(sam.mask_decoder):
-        # the same function as SAM's decoder, ~2x faster forward and backward (each mask has its
-        # own dense prompt from round 2 on, so SAM would project K copies of the image tokens)
-        return folded_decode(
-            sam.mask_decoder, features_1chw, sam.prompt_encoder.get_dense_pe(), torch.cat(sparse), torch.cat(dense), multimask
-        )
-    return sam.mask_decoder(
-        image_embeddings=features_1chw,
-        image_pe=sam.prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=torch.cat(sparse),
-        dense_prompt_embeddings=torch.cat(dense),
-        multimask_output=multimask,
-    )
+    # folded: each mask has its own dense prompt from round 2 on, so SAM's decoder would project K
+    # copies of the image tokens
+    pe = sam.prompt_encoder.get_dense_pe()
+    return decode(sam.mask_decoder, features_1chw, pe, torch.cat(sparse), torch.cat(dense), multimask)
 
 
 def to_loss_frame(low_res_kmhw: Tensor, loss_size: int, valid_hw: Tuple[int, int]) -> Tensor:

@@ -19,7 +19,7 @@ from sum.config import RefineConfig
 from sum.io import atomic_torch_save, check_format
 from sum.model.build import build_sum_model
 from sum.model.checkpoint import CheckpointError, apply_state_dict, check_plain, config_from_dict, config_to_dict
-from sum.model.folded_decoder import folded_decode, upscaling_is_sam
+from sum.model.decoder import decode, upscaling_is_sam
 
 REFINER_FORMAT = "sum-refiner"
 REFINER_VERSION = 1
@@ -33,7 +33,7 @@ class RefinementModule(nn.Module):
       prompt_encoder: a ``PromptEncoder`` (or `TaskPromptEncoder`, used with task prompt 0).
       mask_decoder: a ``MaskDecoder``.
       img_size: the padded input side the prompts' coordinates refer to (1024 for SAM).
-      folded: compute the decoder with `sum.model.folded_decoder.folded_decode` (same function,
+      folded: compute the decoder folded (`sum.model.decoder.decode`, the same function,
         faster; used when the decoder's upscaling is SAM's), else SAM's ``MaskDecoder``.
     """
 
@@ -79,15 +79,7 @@ class RefinementModule(nn.Module):
         pe = self.prompt_encoder
         kwargs = {"task_prompt": 0} if hasattr(pe, "task_prompt_embedding") else {}
         sparse_bnc, dense_bchw = pe(points=(points_bn2, labels_bn), boxes=boxes_b4, masks=mask_logits_b1hw, **kwargs)
-        if self.folded:
-            return folded_decode(self.mask_decoder, features_1chw, pe.get_dense_pe(), sparse_bnc, dense_bchw)
-        return self.mask_decoder(
-            image_embeddings=features_1chw,
-            image_pe=pe.get_dense_pe(),
-            sparse_prompt_embeddings=sparse_bnc,
-            dense_prompt_embeddings=dense_bchw,
-            multimask_output=False,
-        )
+        return decode(self.mask_decoder, features_1chw, pe.get_dense_pe(), sparse_bnc, dense_bchw, exact=not self.folded)
 
 
 def save_refiner(

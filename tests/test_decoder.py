@@ -1,4 +1,4 @@
-"""`sum.model.folded_decoder.folded_decode` is SAM's ``MaskDecoder``: outputs and gradients, for
+"""`sum.model.decoder.decode` is SAM's ``MaskDecoder``: outputs and gradients, for
 the single output and the three multimask outputs, on the real MobileSAM decoder layout (tiny
 config) with one shared or one per-prompt image embedding."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sum.model.build import build_sum_model
-from sum.model.folded_decoder import folded_decode, upscaling_is_sam
+from sum.model.decoder import decode, upscaling_is_sam
 
 
 def _model_and_prompts(tiny_cfg, b=5, seed=0):
@@ -34,14 +34,14 @@ def _grads(module):
 
 
 @pytest.mark.parametrize("multimask", [False, True])
-def test_folded_decode_equals_sams_decoder_forward_and_backward(tiny_cfg, multimask):
+def test_decode_equals_sams_decoder_forward_and_backward(tiny_cfg, multimask):
     sam, feats, sparse, dense = _model_and_prompts(tiny_cfg)
     dec = sam.mask_decoder
     assert upscaling_is_sam(dec)
     pe = sam.prompt_encoder.get_dense_pe()
     outs = []
     for fn in (
-        lambda: folded_decode(dec, feats, pe, sparse, dense, multimask),
+        lambda: decode(dec, feats, pe, sparse, dense, multimask),
         lambda: dec(image_embeddings=feats, image_pe=pe, sparse_prompt_embeddings=sparse,
                     dense_prompt_embeddings=dense, multimask_output=multimask),
     ):
@@ -62,13 +62,36 @@ def test_folded_decode_equals_sams_decoder_forward_and_backward(tiny_cfg, multim
         torch.testing.assert_close(got, g, atol=1e-5 + 1e-3 * float(g.abs().max()), rtol=1e-3, msg=k)
 
 
-def test_folded_decode_takes_one_embedding_per_prompt(tiny_cfg):
+def test_decode_takes_one_embedding_per_prompt(tiny_cfg):
     sam, feats, sparse, dense = _model_and_prompts(tiny_cfg, b=3, seed=1)
     pe = sam.prompt_encoder.get_dense_pe()
     with torch.no_grad():
         feats_b = torch.cat([feats, feats + 1.0, feats * 0.5])
-        together = folded_decode(sam.mask_decoder, feats_b, pe, sparse, dense, True)
+        together = decode(sam.mask_decoder, feats_b, pe, sparse, dense, True)
         for i in range(3):
-            alone = folded_decode(sam.mask_decoder, feats_b[i : i + 1], pe, sparse[i : i + 1], dense[i : i + 1], True)
+            alone = decode(sam.mask_decoder, feats_b[i : i + 1], pe, sparse[i : i + 1], dense[i : i + 1], True)
             torch.testing.assert_close(together[0][i : i + 1], alone[0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(together[1][i : i + 1], alone[1], atol=1e-6, rtol=1e-5)
+
+
+def test_the_library_decodes_masks_in_one_place():
+    """Issue 18: one decoder. SAM's ``MaskDecoder`` is called, and a `TwoWayTransformer`'s layers
+    looped over, only in `sum.model.decoder`; every stage reaches it through `decode` or `two_way`."""
+    import ast
+    from pathlib import Path
+
+    def decoding(node):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            return node.func.attr == "mask_decoder"  # ``x.mask_decoder(...)``
+        if isinstance(node, ast.For) and isinstance(node.iter, ast.Attribute) and node.iter.attr == "layers":
+            return isinstance(node.iter.value, ast.Name) and node.iter.value.id in ("tr", "transformer")
+        return False
+
+    root = Path(__file__).resolve().parents[1] / "sum"
+    found = {
+        f"{path.relative_to(root.parent)}:{node.lineno}"
+        for path in sorted(root.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if decoding(node)
+    }
+    assert found and all(f.startswith("sum/model/decoder.py:") for f in found), sorted(found)
