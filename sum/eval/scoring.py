@@ -1,6 +1,6 @@
 """Scoring one image in the ``evaluate`` stage (spec §10): the models under evaluation
 (`load_eval_models`, with their method and @tp0 variants), one decoder call on a batch of prompts
-(`decode`), one protocol simulated on an image's targets (`run_protocol`) and the record of one
+(`predict_round`), one protocol simulated on an image's targets (`run_protocol`) and the record of one
 target's scores (`MaskRecord`).
 """
 
@@ -158,7 +158,7 @@ def load_eval_models(cfg, s3=None) -> List[EvalModel]:
 # One round, one protocol
 
 
-def decode(
+def predict_round(
     predictor,
     point_coords: Optional[np.ndarray],
     point_labels: Optional[np.ndarray],
@@ -262,7 +262,7 @@ def run_protocol(
       keep_rounds: 1-based rounds whose selected masks are returned (for panels).
       boundary_width: band width of the boundary click (px).
       autocast: the decoder's autocast context (`decoder_autocast`).
-      decoder: ``fast`` or ``exact`` (`decode`).
+      decoder: ``fast`` or ``exact`` (`predict_round`).
 
     Returns:
       `ProtocolResult`.
@@ -329,7 +329,7 @@ def _decode_round(
     autocast,
     decoder: str,
 ) -> torch.Tensor:
-    """Round ``r`` of `run_protocol` for the active targets ``idx``: one `decode` call with their
+    """Round ``r`` of `run_protocol` for the active targets ``idx``: one `predict_round` call with their
     accumulated prompts, the output selected by ``selection``, scored into ``res`` and written to
     ``pred_khw``; returns the (K, 1, 256, 256) mask inputs of the next round."""
     k = gt_khw.shape[0]
@@ -341,7 +341,7 @@ def _decode_round(
         coords = np.array([[(c.x, c.y) for c in res.clicks[i]] for i in idx], np.float32)
         labels = np.array([[c.label for c in res.clicks[i]] for i in idx], np.int64)
     t0 = time.perf_counter()
-    masks_bchw, low_bchw = decode(
+    masks_bchw, low_bchw = predict_round(
         predictor,
         coords,
         labels,
