@@ -295,13 +295,13 @@ def test_task_prompts_rule():
 def test_decoder_receives_the_round_task_prompt(predictor_and_sample, monkeypatch):
     predictor, gt = predictor_and_sample
     seen = []
-    real = ev_mod.decode
+    real = ev_mod.predict_round
 
     def spy(*args, **kwargs):
         seen.append(args[5])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ev_mod, "decode", spy)
+    monkeypatch.setattr(ev_mod, "predict_round", spy)
     run_protocol(predictor, gt, "point", 3, "oracle", task_prompts("part", ["part"], 3, True))
     assert seen == [3, 0, 0]
 
@@ -372,13 +372,13 @@ def test_fast_decoder_scores_like_sams_decoder(predictor_and_sample, exact_dista
 def test_mask_input_is_fed_between_rounds(predictor_and_sample, monkeypatch):
     predictor, gt = predictor_and_sample
     inputs = []
-    real = ev_mod.decode
+    real = ev_mod.predict_round
 
     def spy(*args, **kwargs):
         inputs.append(None if args[4] is None else args[4].clone())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ev_mod, "decode", spy)
+    monkeypatch.setattr(ev_mod, "predict_round", spy)
     run_protocol(predictor, gt, "point", 3, "oracle")
     assert inputs[0] is None and all(x is not None and x.shape == (len(gt), 1, 32, 32) for x in inputs[1:])
     assert not torch.equal(inputs[1], inputs[2])
