@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from sum.config import ModelConfig  # noqa: E402
 from sum.model.build import build_sum_model  # noqa: E402
+from sum.model.checkpoint import load_model  # noqa: E402
 from sum.model.fast import OFF, FastPath, apply_fast_path, resolve_fast_path  # noqa: E402
 
 MOBILE_SAM_CHECKPOINT = REPO / "data" / "raw" / "mobile_sam" / "mobile_sam.pt"
@@ -95,14 +96,12 @@ def run_cuda(models: list[str], batch_sizes: list[int], warmup: int, rounds: int
 
 def run_cpu(warmup: int, rounds: int) -> None:
     torch.manual_seed(0)
-    model = build_sum_model(model_config("mobile_sam"))
-    weights = "random weights"
+    cfg = model_config("mobile_sam")
     if MOBILE_SAM_CHECKPOINT.is_file():
-        from sum.model.checkpoint import load_checkpoint
-
-        load_checkpoint(model, MOBILE_SAM_CHECKPOINT)
+        model = load_model(cfg, MOBILE_SAM_CHECKPOINT, device="cpu", fast_path="off")
         weights = MOBILE_SAM_CHECKPOINT.name
-    model.eval()
+    else:
+        model, weights = build_sum_model(cfg), "random weights"
     fast = resolve_fast_path(model, "on", "cpu")
     auto = resolve_fast_path(model, "auto", "cpu")
     print(

@@ -42,23 +42,22 @@ def synthetic_image(h: int, w: int, seed: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def load_model(name: str, checkpoint: str | None, device: str):
+def benchmark_model(name: str, checkpoint: str | None, device: str):
+    """``params/model/<name>.yaml``'s model with ``checkpoint`` (default the config's; 'random':
+    none) on ``device``, fast path off; returns the model and its weights' name."""
     sys.path.insert(0, str(REPO))
     from omegaconf import OmegaConf
 
     from sum.config import ModelConfig
     from sum.model.build import build_sum_model
+    from sum.model.checkpoint import load_model
 
     raw = OmegaConf.load(REPO / "params" / "model" / f"{name}.yaml")
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
-    model = build_sum_model(cfg)
     path = checkpoint if checkpoint is not None else cfg.checkpoint
     if path and checkpoint != "random":
-        model.load_state_dict(torch.load(REPO / path, map_location="cpu", weights_only=True), strict=False)
-        weights = str(path)
-    else:
-        weights = "random"
-    return model.to(device).eval(), weights
+        return load_model(cfg, REPO / path, device=device, fast_path="off"), str(path)
+    return build_sum_model(cfg).to(device).eval(), "random"
 
 
 def match(ref: list, out: list) -> dict:
@@ -95,7 +94,7 @@ def main(argv=None) -> int:
 
     from sum.pseudo.amg import MaskGenerator
 
-    model, weights = load_model(args.model, args.checkpoint, args.device)
+    model, weights = benchmark_model(args.model, args.checkpoint, args.device)
     h, w = (int(v) for v in args.size.split("x"))
     images = [synthetic_image(h, w, seed) for seed in range(args.images)]
     common = dict(

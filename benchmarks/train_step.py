@@ -61,7 +61,7 @@ from sum.data.prompts import sample_first_points  # noqa: E402
 from sum.data.sample import Sample  # noqa: E402
 from sum.data.synthetic import generate_set  # noqa: E402
 from sum.model.build import build_sum_model  # noqa: E402
-from sum.model.checkpoint import load_checkpoint  # noqa: E402
+from sum.model.checkpoint import load_model  # noqa: E402
 from sum.model.fast import enable_fast_path  # noqa: E402
 from sum.model.losses import combined_loss  # noqa: E402
 from sum.model.predictor import SumPredictor  # noqa: E402
@@ -203,12 +203,11 @@ def build_variant_model(args, device, mode):
     name = args.model
     mcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / "params" / "model" / f"{name}.yaml")))
     torch.manual_seed(0)
-    sam = build_sum_model(mcfg)
-    weights = "random"
     if name == "mobile_sam" and MOBILE_SAM_CHECKPOINT.is_file():
-        load_checkpoint(sam, MOBILE_SAM_CHECKPOINT)
+        sam = load_model(mcfg, MOBILE_SAM_CHECKPOINT, device=str(device), fast_path="off")
         weights = "mobile_sam.pt"
-    sam.to(device)
+    else:
+        sam, weights = build_sum_model(mcfg).to(device), "random"
     set_trainable(sam, mode)
     set_train_modes(sam, mode)
     if args.variant == "ours" and device.type == "cuda":

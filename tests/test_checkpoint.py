@@ -15,16 +15,10 @@ from segment_anything import sam_model_registry
 
 from sum.io import FetchError, S3Options
 from sum.model.build import build_sum_model, task_prompt_keys
-from sum.model.checkpoint import (
-    CheckpointError,
-    build_model,
-    load_checkpoint,
-    load_sum_checkpoint,
-    read_checkpoint,
-    save_sum_checkpoint,
-)
+from sum.model.checkpoint import CheckpointError, config_from_dict, load_model, read_checkpoint, save_sum_checkpoint
 from sum.model.export import export_sam
 
+CPU = {"device": "cpu", "fast_path": "off"}  # the loaded weights compared with tensors on the CPU
 ACCESS_KEY = "AKIASUMTESTKEY7Q3Z"
 SECRET_KEY = "sum-test-secret-Xk29fQ"
 
@@ -110,8 +104,7 @@ def only_explicit_s3(monkeypatch, tmp_path):
 
 def test_official_vit_b_loads_strictly(vit_b_sam):
     path, sd = vit_b_sam
-    model = build_sum_model(model_config("vit_b"))
-    assert load_checkpoint(model, path, sha256=sha256(path)) is model
+    model = load_model(model_config("vit_b"), path, sha256=sha256(path), **CPU)
     assert not model.training
     assert_same_weights(model, sd)
     assert set(model.state_dict()) - set(sd) == set(task_prompt_keys(model))
@@ -122,7 +115,7 @@ def test_export_vit_b_loads_in_stock_builder(vit_b_sam, tmp_path, caplog):
     """Acceptance: SAM -> SUM (task prompt trained) -> SUM checkpoint -> export -> stock builder."""
     path, sd = vit_b_sam
     cfg = dataclasses.replace(model_config("vit_b"), checkpoint=str(path))
-    model = build_model(cfg)
+    model = load_model(cfg, **CPU)
     with torch.no_grad():
         model.prompt_encoder.task_prompt_embedding[1].weight.fill_(0.5)
         model.mask_decoder.iou_token.weight.add_(1.0)  # a "fine-tuned" SAM weight
@@ -139,7 +132,7 @@ def test_export_vit_b_loads_in_stock_builder(vit_b_sam, tmp_path, caplog):
 
 def test_real_mobile_sam_loads(mobile_sam_checkpoint):
     cfg = dataclasses.replace(model_config("mobile_sam"), checkpoint=str(mobile_sam_checkpoint))
-    model = build_model(cfg)  # checks cfg.checkpoint_sha256 too
+    model = load_model(cfg, **CPU)  # checks cfg.checkpoint_sha256 too
     sd = torch.load(mobile_sam_checkpoint, map_location="cpu", weights_only=True)
     assert_same_weights(model, sd)
     assert_task_prompts_zero(model)
@@ -182,7 +175,7 @@ def test_mismatched_state_dict_fails_naming_key(tiny_sam, tiny_cfg, tmp_path, mu
     path = tmp_path / "bad.pth"
     torch.save(sd, path)
     with pytest.raises(CheckpointError) as e:
-        load_checkpoint(build_sum_model(tiny_cfg), path)
+        load_model(tiny_cfg, path)
     assert_one_line(e.value, str(path), key, what)
 
 
@@ -192,7 +185,7 @@ def test_many_bad_keys_are_counted(tiny_sam, tiny_cfg, tmp_path):
     path = tmp_path / "bad.pth"
     torch.save(sd, path)
     with pytest.raises(CheckpointError) as e:
-        load_checkpoint(build_sum_model(tiny_cfg), path)
+        load_model(tiny_cfg, path)
     n = sum(k.startswith("x.") for k in sd)
     assert_one_line(e.value, f"{n} unexpected keys", f"{n} missing keys", ", ...")
 
@@ -200,13 +193,13 @@ def test_many_bad_keys_are_counted(tiny_sam, tiny_cfg, tmp_path):
 def test_wrong_sha256_fails_naming_file(tiny_sam, tiny_cfg):
     path, _ = tiny_sam
     with pytest.raises(FetchError) as e:
-        load_checkpoint(build_sum_model(tiny_cfg), path, sha256="ab" * 32)
+        load_model(tiny_cfg, path, sha256="ab" * 32)
     assert_one_line(e.value, str(path), "sha256 mismatch", "ab" * 32)
 
 
 def test_missing_file_fails_naming_file(tiny_cfg, tmp_path):
     with pytest.raises(FetchError) as e:
-        load_checkpoint(build_sum_model(tiny_cfg), tmp_path / "nope.pth")
+        load_model(tiny_cfg, tmp_path / "nope.pth")
     assert_one_line(e.value, str(tmp_path / "nope.pth"), "not found")
 
 
@@ -222,7 +215,7 @@ def test_corrupt_file_fails_naming_file(tiny_cfg, tmp_path, content, what):
     path = tmp_path / "garbage.pth"
     path.write_bytes(content)
     with pytest.raises(CheckpointError) as e:
-        load_checkpoint(build_sum_model(tiny_cfg), path)
+        load_model(tiny_cfg, path)
     assert_one_line(e.value, str(path), what)
 
 
@@ -231,7 +224,7 @@ def test_truncated_checkpoint_fails(tiny_sam, tiny_cfg, tmp_path):
     path = tmp_path / "truncated.pth"
     path.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
     with pytest.raises(CheckpointError) as e:
-        load_checkpoint(build_sum_model(tiny_cfg), path)
+        load_model(tiny_cfg, path)
     assert_one_line(e.value, str(path), "not a readable PyTorch checkpoint")
 
 
@@ -249,7 +242,7 @@ def test_unsupported_content_fails(tiny_cfg, tmp_path, obj, what):
     path = tmp_path / "odd.pth"
     torch.save(obj, path)
     with pytest.raises(CheckpointError) as e:
-        load_checkpoint(build_sum_model(tiny_cfg), path)
+        load_model(tiny_cfg, path)
     assert_one_line(e.value, str(path), what)
 
 
@@ -265,13 +258,13 @@ def test_s3_with_explicit_options(s3_bucket, s3_server, only_explicit_s3, tiny_s
     caplog.set_level(logging.INFO)
     caplog.set_level(logging.DEBUG, logger="sum")
     for sha in (None, sha256(path)):
-        model = load_checkpoint(build_sum_model(tiny_cfg), uri, sha256=sha, s3=opts, cache_dir=tmp_path / "c")
+        model = load_model(tiny_cfg, uri, sha256=sha, s3=opts, cache_dir=tmp_path / "c", **CPU)
         assert_same_weights(model, sd)
     with pytest.raises(FetchError) as e:
-        load_checkpoint(build_sum_model(tiny_cfg), uri, sha256="0" * 64, s3=opts, cache_dir=tmp_path / "c")
+        load_model(tiny_cfg, uri, sha256="0" * 64, s3=opts, cache_dir=tmp_path / "c")
     assert_one_line(e.value, uri, "sha256 mismatch")
     with pytest.raises(FetchError) as e:  # no keys anywhere: the environment was cleared
-        load_checkpoint(build_sum_model(tiny_cfg), uri, s3=S3Options(endpoint_url=s3_server), cache_dir=tmp_path / "c")
+        load_model(tiny_cfg, uri, s3=S3Options(endpoint_url=s3_server), cache_dir=tmp_path / "c")
     assert_one_line(e.value, uri, "no S3 credentials")
     assert uri in caplog.text
     assert ACCESS_KEY not in caplog.text and SECRET_KEY not in caplog.text
@@ -288,12 +281,12 @@ def test_s3_with_environment(s3_bucket, monkeypatch, tiny_sam, tiny_cfg, tmp_pat
     caplog.set_level(logging.INFO)
     caplog.set_level(logging.DEBUG, logger="sum")
     for sha in (None, sha256(path)):
-        assert_same_weights(load_checkpoint(build_sum_model(tiny_cfg), uri, sha256=sha), sd)
+        assert_same_weights(load_model(tiny_cfg, uri, sha256=sha, **CPU), sd)
     assert list((tmp_path / "cache" / "remote").iterdir())
     cfg = dataclasses.replace(tiny_cfg, checkpoint=uri, checkpoint_sha256=sha256(path))
-    assert_same_weights(build_model(cfg), sd)
+    assert_same_weights(load_model(cfg, **CPU), sd)
     with pytest.raises(FetchError) as e:
-        load_checkpoint(build_sum_model(tiny_cfg), f"s3://{bucket}/missing.pth")
+        load_model(tiny_cfg, f"s3://{bucket}/missing.pth")
     assert_one_line(e.value, f"s3://{bucket}/missing.pth", "no such key")
     assert ACCESS_KEY not in caplog.text and SECRET_KEY not in caplog.text
 
@@ -302,7 +295,7 @@ def test_s3_nonexistent_bucket(s3_env, tiny_cfg, tmp_path):
     uri = "s3://sum-no-such-bucket/sam.pth"
     opts = S3Options(endpoint_url=s3_env, access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY)
     with pytest.raises(FetchError) as e:
-        load_checkpoint(build_sum_model(tiny_cfg), uri, s3=opts, cache_dir=tmp_path)
+        load_model(tiny_cfg, uri, s3=opts, cache_dir=tmp_path)
     assert_one_line(e.value, uri, "bucket does not exist")
 
 
@@ -311,7 +304,7 @@ def test_s3_endpoint_not_listening(only_explicit_s3, tiny_cfg, tmp_path):
     uri = "s3://bucket/sam.pth"
     opts = S3Options(endpoint_url=endpoint, access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY)
     with pytest.raises(FetchError) as e:
-        load_checkpoint(build_sum_model(tiny_cfg), uri, s3=opts, cache_dir=tmp_path)
+        load_model(tiny_cfg, uri, s3=opts, cache_dir=tmp_path)
     assert_one_line(e.value, uri, "unreachable", endpoint)
 
 
@@ -320,10 +313,10 @@ def test_http(http_root, tiny_sam, tiny_cfg, tmp_path):
     path, sd = tiny_sam
     (root / "sam_tiny.pth").write_bytes(path.read_bytes())
     for sha in (None, sha256(path)):
-        model = load_checkpoint(build_sum_model(tiny_cfg), f"{base}/sam_tiny.pth", sha256=sha, cache_dir=tmp_path)
+        model = load_model(tiny_cfg, f"{base}/sam_tiny.pth", sha256=sha, cache_dir=tmp_path, **CPU)
         assert_same_weights(model, sd)
     with pytest.raises(FetchError) as e:
-        load_checkpoint(build_sum_model(tiny_cfg), f"{base}/missing.pth", cache_dir=tmp_path)
+        load_model(tiny_cfg, f"{base}/missing.pth", cache_dir=tmp_path)
     assert_one_line(e.value, f"{base}/missing.pth", "404")
 
 
@@ -332,12 +325,14 @@ def test_http(http_root, tiny_sam, tiny_cfg, tmp_path):
 
 def test_sum_round_trip(tiny_sum, tiny_cfg):
     path, model = tiny_sum
-    loaded, cfg = load_sum_checkpoint(path, sha256=sha256(path))
-    assert cfg == dataclasses.replace(tiny_cfg, checkpoint=str(path), checkpoint_sha256=sha256(path))
+    loaded = load_model(checkpoint=path, sha256=sha256(path))  # the architecture the checkpoint stores
+    ckpt = read_checkpoint(path)
+    cfg = dataclasses.replace(config_from_dict(ckpt.model_config, ckpt.source), checkpoint=str(path))
+    assert cfg == dataclasses.replace(tiny_cfg, checkpoint=str(path), checkpoint_sha256=None)
     assert_same_weights(loaded, model.state_dict())
     assert loaded.prompt_encoder.task_prompt_embedding[2].weight.abs().sum() > 0
     assert read_checkpoint(path).meta == {"step": 7, "note": "test"}
-    assert_same_weights(build_model(cfg), model.state_dict())  # the returned config rebuilds it
+    assert_same_weights(load_model(cfg, **CPU), model.state_dict())  # the stored config rebuilds it
     # the stored task prompt acts: task 2 differs from task 0 on the same prompt
     pe = loaded.prompt_encoder
     _, dense0 = pe(None, torch.tensor([[0.0, 0.0, 64.0, 64.0]]), None, task_prompt=0)
@@ -345,27 +340,67 @@ def test_sum_round_trip(tiny_sum, tiny_cfg):
     assert not torch.equal(dense0, dense2)
 
 
-def test_build_model_refuses_other_architecture(tiny_sum, tiny_cfg):
+def test_load_model_refuses_other_architecture(tiny_sum, tiny_cfg):
     path, _ = tiny_sum
     cfg = dataclasses.replace(tiny_cfg, checkpoint=str(path), encoder_depth=3, encoder_global_attn_indexes=[2])
     with pytest.raises(CheckpointError) as e:
-        build_model(cfg)
+        load_model(cfg)
     assert_one_line(e.value, str(path), "encoder_depth (checkpoint 2, config 3)", "encoder_global_attn_indexes")
 
 
-def test_build_model_without_task_prompt_zeroes_it(tiny_sum, tiny_cfg, caplog):
+def test_load_model_without_task_prompt_zeroes_it(tiny_sum, tiny_cfg, caplog):
     path, _ = tiny_sum
     caplog.set_level(logging.WARNING)
-    model = build_model(dataclasses.replace(tiny_cfg, checkpoint=str(path), use_task_prompt=False))
+    model = load_model(dataclasses.replace(tiny_cfg, checkpoint=str(path), use_task_prompt=False), **CPU)
     assert_task_prompts_zero(model)
     assert "use_task_prompt is off" in caplog.text
 
 
-def test_load_sum_checkpoint_refuses_plain_sam(tiny_sam):
+def test_load_model_without_config_refuses_plain_sam(tiny_sam):
     path, _ = tiny_sam
     with pytest.raises(CheckpointError) as e:
-        load_sum_checkpoint(path)
+        load_model(checkpoint=path)
     assert_one_line(e.value, str(path), "plain SAM state dict")
+
+
+def test_load_model_of_a_read_checkpoint(tiny_sam, tiny_sum, tiny_cfg):
+    """A `Checkpoint` already read (for its meta) loads as its file does: a plain SAM state dict into
+    the config's architecture, a SUM checkpoint into the one it stores, on the config's device."""
+    path, sd = tiny_sam
+    model = load_model(tiny_cfg, read_checkpoint(path), **CPU)
+    assert_same_weights(model, sd)
+    assert_task_prompts_zero(model)
+    sum_path, sum_model = tiny_sum
+    bigger = dataclasses.replace(tiny_cfg, encoder_depth=3, encoder_global_attn_indexes=[2], device="cpu")
+    loaded = load_model(bigger, read_checkpoint(sum_path), fast_path="off")
+    assert_same_weights(loaded, sum_model.state_dict())
+    assert len(loaded.image_encoder.blocks) == 2
+
+
+def test_load_model_defaults_and_argument_errors(tiny_sum, tiny_cfg):
+    path, _ = tiny_sum
+    model = load_model(checkpoint=path)  # no config: cpu, fast path off
+    assert next(model.parameters()).device.type == "cpu" and not model.training
+    with pytest.raises(ValueError, match="model.fast_path='fast': expected auto, on or off"):
+        load_model(dataclasses.replace(tiny_cfg, fast_path="fast"))
+    with pytest.raises(ValueError, match="^fast_path='fast'"):
+        load_model(checkpoint=path, fast_path="fast")
+    with pytest.raises(ValueError, match="model.device='gpu'"):
+        load_model(checkpoint=path, device="gpu")
+    with pytest.raises(ValueError, match="give a model config, a checkpoint or both"):
+        load_model()
+    with pytest.raises(ValueError, match="sha256 checks a checkpoint file"):
+        load_model(tiny_cfg, sha256="0" * 64)
+
+
+def test_load_model_stored_config_that_does_not_build(tiny_sam, tiny_cfg, tmp_path):
+    _, sd = tiny_sam
+    stored = {**dataclasses.asdict(tiny_cfg), "encoder": "tiny_vit"}  # TinyViT needs prompt_embed_dim 256
+    path = tmp_path / "odd_sum.pt"
+    torch.save({"format": "sum-checkpoint", "version": 1, "model_config": stored, "state_dict": sd}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_model(checkpoint=path)
+    assert_one_line(e.value, str(path), "stored model config does not build", "prompt_embed_dim=32")
 
 
 def test_save_refuses_non_plain_meta(tiny_cfg, tmp_path):
@@ -385,12 +420,12 @@ def test_export_tiny_loads_in_stock_sam(tiny_sum, tiny_cfg, tmp_path, caplog):
     stock.load_state_dict(sd)  # strict
     assert_same_weights(stock, {k: v for k, v in model.state_dict().items() if "task_prompt" not in k})
     # and back: the export loads into a SUM model, whose task prompts are then zero
-    assert_task_prompts_zero(load_checkpoint(build_sum_model(tiny_cfg), out))
+    assert_task_prompts_zero(load_model(tiny_cfg, out, **CPU))
 
 
 def test_export_without_task_prompt_is_silent(tiny_sam, tiny_cfg, tmp_path, caplog):
     src, sd = tiny_sam
-    model = load_checkpoint(build_sum_model(tiny_cfg), src)
+    model = load_model(tiny_cfg, src, **CPU)
     ckpt = save_sum_checkpoint(model, tiny_cfg, tmp_path / "sum.pt")
     caplog.set_level(logging.WARNING)
     out = export_sam(ckpt, tmp_path / "sam.pth")

@@ -92,10 +92,10 @@ def perturbed_checkpoint(path: Path, method: str, part: str, seed: int, method_c
     """The tiny foundation model (seed 0) with ``part`` (decoder or encoder) and the task prompts
     nudged, saved as a SUM checkpoint whose meta names ``method`` (and stores ``method_config``,
     as `finetune` does, when given)."""
-    from sum.model.checkpoint import build_model, save_sum_checkpoint
+    from sum.model.checkpoint import load_model, save_sum_checkpoint
 
     torch.manual_seed(0)
-    model = build_model(tiny_model_cfg())
+    model = load_model(tiny_model_cfg())
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         module = model.mask_decoder if part == "decoder" else model.image_encoder

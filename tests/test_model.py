@@ -19,7 +19,7 @@ from test_predictor import (
 )
 
 from sum.model.build import build_sum_model
-from sum.model.checkpoint import load_checkpoint
+from sum.model.checkpoint import load_model
 from sum.model.fast import (
     OFF,
     FastPath,
@@ -243,7 +243,7 @@ def test_fast_tiny_vit_masks_agree_with_fp32():
 
 
 def test_fast_mobile_sam_masks_agree_with_fp32(mobile_sam_checkpoint):
-    model = load_checkpoint(build_sum_model(model_config("mobile_sam")), mobile_sam_checkpoint)
+    model = load_model(model_config("mobile_sam"), mobile_sam_checkpoint, device="cpu", fast_path="off")
     rng = np.random.default_rng(0)
     images = [shapes_image(480, 640, seed=0), rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)]
     assert fast_vs_fp32_iou(model, images) >= 0.99

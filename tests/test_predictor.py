@@ -18,7 +18,7 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import PromptEncoder, Sam
 
 from sum.model.build import build_sum_model, task_prompt_keys
-from sum.model.checkpoint import load_checkpoint
+from sum.model.checkpoint import load_model
 from sum.model.fast import enable_fast_path
 from sum.model.predictor import ImageEmbedding, SumPredictor
 
@@ -343,7 +343,7 @@ def test_fingerprint_follows_weight_changes():
 
 @pytest.fixture(scope="module")
 def mobile_sam_pair(mobile_sam_checkpoint):
-    model = load_checkpoint(build_sum_model(model_config("mobile_sam")), mobile_sam_checkpoint)
+    model = load_model(model_config("mobile_sam"), mobile_sam_checkpoint, device="cpu", fast_path="off")
     enable_fast_path(model, "off")
     image = shapes_image(480, 640, seed=0)
     ref, ours = predictor_pair(model, image)

@@ -170,10 +170,10 @@ class MemoryEmbeddings:
     def __init__(self, cfg, world):
         from segment_anything.utils.transforms import ResizeLongestSide
 
-        from sum.model.checkpoint import build_model
+        from sum.model.checkpoint import load_model
 
         torch.manual_seed(cfg.train.seed)
-        sam = build_model(cfg.model)
+        sam = load_model(cfg.model)
         self.store = {}
         size = sam.image_encoder.img_size
         for name, ds in world.items():
@@ -245,9 +245,9 @@ def test_ddp_two_processes_match_one_process(world, tmp_path):
     assert abs(two["final_loss"] - one["final_loss"]) < 1e-5
     # full mode trained the encoder too
     torch.manual_seed(cfg.train.seed)
-    from sum.model.checkpoint import build_model
+    from sum.model.checkpoint import load_model
 
-    init = build_model(cfg.model).state_dict()
+    init = load_model(cfg.model).state_dict()
     assert not torch.equal(init["image_encoder.blocks.0.attn.qkv.weight"], a["image_encoder.blocks.0.attn.qkv.weight"])
     assert not torch.equal(init["image_encoder.patch_embed.proj.weight"], a["image_encoder.patch_embed.proj.weight"])
 
@@ -327,7 +327,7 @@ def test_a_run_on_new_inputs_starts_afresh(world, embeddings, tmp_path):
 def test_decoder_mode_never_runs_encoder_and_leaves_it_untouched(world, embeddings, tmp_path, monkeypatch):
     from segment_anything.modeling import ImageEncoderViT
 
-    from sum.model.checkpoint import build_model
+    from sum.model.checkpoint import load_model
 
     def boom(self, x):
         raise AssertionError("image encoder called in decoder mode")
@@ -338,7 +338,7 @@ def test_decoder_mode_never_runs_encoder_and_leaves_it_untouched(world, embeddin
     tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings)
     assert embeddings.calls - calls == 2 * cfg.train.batch_size
     torch.manual_seed(cfg.train.seed)
-    init = build_model(cfg.model).state_dict()
+    init = load_model(cfg.model).state_dict()
     final = load_state(tmp_path / "models" / "sum.pt")
     assert all(torch.equal(init[k], final[k]) for k in init if k.startswith("image_encoder."))
     assert not torch.equal(init["mask_decoder.iou_prediction_head.layers.0.weight"], final["mask_decoder.iou_prediction_head.layers.0.weight"])
@@ -478,15 +478,16 @@ def test_hq_only_never_reads_pseudo_labels(world, embeddings, tmp_path, monkeypa
 
 
 def test_metrics_json_and_sum_checkpoint(world, embeddings, tmp_path):
-    from sum.model.checkpoint import load_sum_checkpoint
+    from sum.model.checkpoint import load_model, read_checkpoint
 
     out = tr.finetune(make_cfg(tmp_path, iterations=2), pools=pools_of(world), embeddings=embeddings)
     saved = json.loads((tmp_path / "metrics" / "finetune" / "sum.json").read_text())
     assert saved["steps"] == out["steps"] == 2 and saved["final_loss"] == out["final_loss"]
     assert {"final_loss", "samples_per_s", "wall_s", "steps"} <= set(saved)
     assert np.isfinite(saved["final_loss"]) and saved["samples_per_s"] > 0
-    model, mcfg = load_sum_checkpoint(tmp_path / "models" / "sum.pt")
-    assert mcfg.img_size == 128
+    ckpt = read_checkpoint(tmp_path / "models" / "sum.pt")
+    load_model(checkpoint=ckpt)  # builds the stored architecture and loads its weights
+    assert ckpt.model_config["img_size"] == 128
 
 
 def test_checkpoint_stores_the_method_as_trained(world, embeddings, tmp_path):

@@ -21,16 +21,7 @@ from sum.data.formats import masks_to_boxes
 from sum.eval.clicker import Click, boundary_click, first_click, next_click
 from sum.eval.metrics import boundary_iou, mask_iou_batch
 from sum.eval.protocol import PROTOCOLS, SELECTIONS, TP0_SUFFIX, task_prompts
-from sum.model.build import build_sum_model
-from sum.model.checkpoint import (
-    CheckpointError,
-    apply_state_dict,
-    config_from_dict,
-    load_model,
-    read_checkpoint,
-    resolve_device,
-)
-from sum.model.fast import enable_fast_path
+from sum.model.checkpoint import CheckpointError, load_model, read_checkpoint
 from sum.model.decoder import decode
 from sum.model.predictor import SumPredictor
 from sum.train.method import checkpoint_method
@@ -91,13 +82,14 @@ def check_checkpoints(models: Dict[str, str]) -> None:
             )
 
 
-def load_eval_model(name: str, uri: str, cfg, s3=None):
-    """Load one model of ``eval.models`` on ``model.device`` with the encoder fast path of
-    ``model.fast_path``; return ``(model, method_config or None)``.
+def load_eval_models(cfg, s3=None) -> List[EvalModel]:
+    """The models of ``eval.models`` on ``model.device`` with the encoder fast path of
+    ``model.fast_path`` (`load_model`) and, for those whose method uses task prompts, their @tp0
+    variants (spec §13 A3) on the protocols of ``eval.task_prompt_zero``.
 
-    '' loads ``cfg.model`` (`load_model`, seeded as every stage so an uninitialised test model is
-    the one the ``embed`` stage encoded with). Otherwise a SUM checkpoint builds the model its
-    stored config describes, with the method it was trained with (`checkpoint_method`: its stored
+    '' is ``cfg.model``, seeded as every stage so that an uninitialised test model is the one the
+    ``embed`` stage encoded with. Otherwise a SUM checkpoint gives the model its stored config
+    describes, with the method it was trained with (`checkpoint_method`: its stored
     ``meta.method_config``, or for older checkpoints the method ``meta.method`` names); a plain
     SAM state dict is loaded into ``cfg.model``'s architecture, without a method.
 
@@ -105,40 +97,30 @@ def load_eval_model(name: str, uri: str, cfg, s3=None):
       FileNotFoundError: naming ``eval.models.<name>`` when a local file is missing.
       ValueError: naming ``eval.models.<name>`` for an unreadable checkpoint or unknown method.
     """
-    if not uri:
-        torch.manual_seed(0)
-        return load_model(cfg.model, s3=s3).eval(), None
-    check_checkpoints({name: uri})
-    try:
-        ckpt = read_checkpoint(uri, s3=s3)
-        mcfg = config_from_dict(ckpt.model_config, ckpt.source) if ckpt.model_config is not None else cfg.model
-        mcfg = dataclasses.replace(mcfg, checkpoint=None, checkpoint_sha256=None)
-        model = apply_state_dict(build_sum_model(mcfg), ckpt.state_dict, ckpt.source)
-        method = checkpoint_method(cfg, ckpt.meta)
-    except CheckpointError as e:
-        raise ValueError(f"eval.models.{name}: {e}") from None
-    except ValueError as e:  # unknown method name
-        raise ValueError(f"eval.models.{name}: {uri}: {e}") from None
-    device = resolve_device(cfg.model.device)
-    model = model.to(device).eval()
-    enable_fast_path(model, cfg.model.fast_path, device=device)
-    return model.eval(), method
-
-
-def load_eval_models(cfg, s3=None) -> List[EvalModel]:
-    """The models of ``eval.models`` and, for those whose method uses task prompts, their @tp0
-    variants (spec §13 A3) on the protocols of ``eval.task_prompt_zero``."""
     ev = cfg.eval
     check_checkpoints(dict(ev.models))
     out: List[EvalModel] = []
     for name, uri in ev.models.items():
-        model, method = load_eval_model(name, str(uri or ""), cfg, s3=s3)
+        uri = str(uri or "")
+        if not uri:
+            torch.manual_seed(0)
+            model, method = load_model(cfg.model, s3=s3), None
+        else:
+            try:
+                ckpt = read_checkpoint(uri, s3=s3)
+                model = load_model(cfg.model, ckpt, s3=s3)
+            except CheckpointError as e:
+                raise ValueError(f"eval.models.{name}: {e}") from None
+            try:
+                method = checkpoint_method(cfg, ckpt.meta)
+            except ValueError as e:  # unknown method name
+                raise ValueError(f"eval.models.{name}: {uri}: {e}") from None
         predictor = SumPredictor(model)
         uses_tp = bool(method is not None and method.use_task_prompt)
         em = EvalModel(
             name=name,
             predictor=predictor,
-            source=str(uri or ""),
+            source=uri,
             method=None if method is None else method.name,
             use_task_prompt=uses_tp,
             continuous_task_prompt=bool(uses_tp and method.continuous_task_prompt),

@@ -107,9 +107,9 @@ def build_image_encoder(cfg) -> nn.Module:
 def build_sum_model(cfg) -> Sam:
     """Build an (untrained, randomly initialised) SUM model from a `ModelConfig`.
 
-    Weights are loaded by `sum.model.checkpoint.load_checkpoint`. The model is returned in eval
-    mode; TinyViT caches its attention biases on ``.eval()``, so load weights before calling it
-    again (the checkpoint loader does).
+    The model with its weights is `sum.model.checkpoint.load_model`'s. The model is returned in
+    eval mode; TinyViT caches its attention biases on ``.eval()``, so load weights before calling
+    it again (`load_model` does).
 
     Returns:
         ``Sam`` whose ``prompt_encoder`` is a `TaskPromptEncoder`.

@@ -1,5 +1,5 @@
-"""Checkpoints: load SAM / MobileSAM / SUM weights and save SUM checkpoints (spec §2); exporting
-plain SAM is `sum.model.export`.
+"""Checkpoints: `load_model` (the model with SAM / MobileSAM / SUM weights, on its device) and
+SUM checkpoints saved and read (spec §2); exporting plain SAM is `sum.model.export`.
 
 Three formats are read, from a local path, ``s3://bucket/key`` or ``https://`` (through
 `sum.io.resolve_local`, sha256 checked before the bytes are unpickled):
@@ -23,7 +23,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from segment_anything.modeling import Sam
@@ -210,37 +210,6 @@ def nonzero_task_prompts(state_dict: Mapping[str, torch.Tensor]) -> List[int]:
     return sorted(ids)
 
 
-def load_checkpoint(
-    model: nn.Module,
-    uri: str | os.PathLike,
-    sha256: Optional[str] = None,
-    s3: Optional[S3Options] = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> nn.Module:
-    """Load a SAM, MobileSAM or SUM checkpoint into ``model`` (built by `build_sum_model`).
-
-    The model is put in eval mode after the weights are in: MobileSAM's TinyViT caches its attention
-    biases on ``.eval()``.
-
-    Arguments:
-      model: a SUM model (or a stock ``Sam``; then the file must have no task-prompt keys).
-      uri: local path, ``s3://bucket/key``, ``https://`` or ``http://``.
-      sha256: expected sha256 of the file, checked before it is unpickled.
-      s3: S3 endpoint and credentials; ``None`` uses the AWS environment.
-      cache_dir: where remote files are downloaded (default ``$SUM_CACHE_DIR`` or ``~/.cache/sum``).
-
-    Returns:
-      ``model``, loaded and in eval mode.
-
-    Raises:
-      sum.io.FetchError, CheckpointError: one line naming the file or URI.
-    """
-    ckpt = read_checkpoint(uri, sha256=sha256, s3=s3, cache_dir=cache_dir)
-    apply_state_dict(model, ckpt.state_dict, ckpt.source)
-    log.info("loaded %s (%s, %d tensors)", ckpt.source, ckpt.format, len(ckpt.state_dict))
-    return model.eval()
-
-
 def config_to_dict(cfg: ModelConfig) -> Dict[str, Any]:
     """A ``ModelConfig`` as plain data (what a SUM checkpoint stores)."""
     if dataclasses.is_dataclass(cfg):
@@ -275,30 +244,6 @@ def architecture_diff(stored: Mapping[str, Any], cfg: ModelConfig) -> List[str]:
 
 def _norm(v: Any) -> Any:
     return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
-
-
-def build_model(cfg: ModelConfig, s3: Optional[S3Options] = None, cache_dir: str | os.PathLike | None = None) -> Sam:
-    """Build the SUM model of ``cfg`` and load ``cfg.checkpoint`` (sha256 ``cfg.checkpoint_sha256``).
-
-    A SUM checkpoint's stored config must agree with ``cfg`` on every architecture field. Without a
-    checkpoint the model is randomly initialised (tests). The model stays on the CPU, in eval mode.
-
-    Raises:
-      sum.io.FetchError, CheckpointError: one line naming the checkpoint and what is wrong.
-    """
-    model = build_sum_model(cfg)
-    if not cfg.checkpoint:
-        return model
-    ckpt = read_checkpoint(cfg.checkpoint, sha256=cfg.checkpoint_sha256, s3=s3, cache_dir=cache_dir)
-    if ckpt.model_config is not None:
-        diffs = architecture_diff(ckpt.model_config, cfg)
-        if diffs:
-            raise CheckpointError(
-                f"{ckpt.source}: model config {cfg.name!r} differs from the checkpoint's: {'; '.join(diffs)}"
-            )
-    apply_state_dict(model, ckpt.state_dict, ckpt.source)
-    log.info("built %s from %s (%s)", cfg.name, ckpt.source, ckpt.format)
-    return model.eval()
 
 
 def check_plain(value: Any, where: str) -> None:
@@ -352,38 +297,6 @@ def save_sum_checkpoint(
     return path
 
 
-def load_sum_checkpoint(
-    uri: str | os.PathLike,
-    sha256: Optional[str] = None,
-    s3: Optional[S3Options] = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> Tuple[Sam, ModelConfig]:
-    """Build the model a SUM checkpoint describes and load its weights.
-
-    Returns:
-      (model in eval mode, its ``ModelConfig`` with ``checkpoint`` = ``uri`` and
-      ``checkpoint_sha256`` = ``sha256``, so that ``build_model`` of it rebuilds the same model).
-
-    Raises:
-      sum.io.FetchError, CheckpointError: one line naming the URI; a plain SAM state dict is refused
-        here (it carries no config: use ``build_model`` with a config).
-    """
-    ckpt = read_checkpoint(uri, sha256=sha256, s3=s3, cache_dir=cache_dir)
-    if ckpt.model_config is None:
-        raise CheckpointError(
-            f"{ckpt.source}: a plain SAM state dict, expected a SUM checkpoint (it stores no model config)"
-        )
-    cfg = config_from_dict(ckpt.model_config, ckpt.source)
-    cfg.checkpoint, cfg.checkpoint_sha256 = str(uri), sha256
-    try:
-        model = build_sum_model(cfg)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{ckpt.source}: stored model config does not build: {str(e).splitlines()[0]}") from None
-    apply_state_dict(model, ckpt.state_dict, ckpt.source)
-    log.info("loaded SUM checkpoint %s (%s)", ckpt.source, cfg.name)
-    return model.eval(), cfg
-
-
 def resolve_device(name: str) -> torch.device:
     """``model.device``: ``auto`` is CUDA when available, else CPU; anything else as torch reads it."""
     if name == "auto":
@@ -394,15 +307,90 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"model.device={name!r}: expected auto, cpu, cuda or cuda:N") from None
 
 
-def load_model(cfg: ModelConfig, s3: Optional[S3Options] = None, cache_dir: str | os.PathLike | None = None) -> Sam:
-    """`build_model`, then move it to ``cfg.device`` and switch the encoder fast path ``cfg.fast_path``.
+def load_model(
+    cfg: Optional[ModelConfig] = None,
+    checkpoint: str | os.PathLike | Checkpoint | None = None,
+    *,
+    sha256: Optional[str] = None,
+    s3: Optional[S3Options] = None,
+    cache_dir: str | os.PathLike | None = None,
+    device: Optional[str] = None,
+    fast_path: Optional[str] = None,
+) -> Sam:
+    """The SUM model with its weights, on its device, with the encoder fast path (spec §2; the fast
+    path is `sum.model.fast`): what every stage calls to get a ready-to-run model.
 
-    What stages call to get a ready-to-run model (spec §2; the fast path is `sum.model.fast`).
+    Without ``checkpoint``: ``cfg``'s architecture with ``cfg.checkpoint`` loaded (sha256
+    ``cfg.checkpoint_sha256``); a SUM checkpoint's stored config must agree with ``cfg`` on every
+    architecture field; no ``cfg.checkpoint`` gives random weights from the torch seed (tests).
+    With ``checkpoint``: a SUM checkpoint builds the architecture it stores; a plain SAM or
+    MobileSAM state dict is loaded into ``cfg``'s architecture.
+
+    Arguments:
+      cfg (ModelConfig): the model config; may be None for a SUM ``checkpoint``.
+      checkpoint: local path, ``s3://bucket/key``, ``https://`` or ``http://``, or a `Checkpoint`
+        that `read_checkpoint` returned (for callers that also need its meta).
+      sha256: expected sha256 of the ``checkpoint`` file, checked before it is unpickled.
+      s3: S3 endpoint and credentials; ``None`` uses the AWS environment.
+      cache_dir: where remote files are downloaded (default ``$SUM_CACHE_DIR`` or ``~/.cache/sum``).
+      device (str): auto | cpu | cuda[:N]; default ``cfg.device``, "cpu" without ``cfg``.
+      fast_path (str): auto | on | off; default ``cfg.fast_path``, "off" without ``cfg``.
+
+    Returns:
+      (Sam): the model on ``device``, in eval mode; its prompt encoder is a `TaskPromptEncoder`.
+
+    Raises:
+      sum.io.FetchError, CheckpointError: one line naming the checkpoint and what is wrong.
+      ValueError: naming ``device`` or ``fast_path`` when it is none of the values above.
     """
-    if cfg.fast_path not in ("auto", "on", "off"):
-        raise ValueError(f"model.fast_path={cfg.fast_path!r}: expected auto, on or off")
-    device = resolve_device(cfg.device)
-    model = build_model(cfg, s3=s3, cache_dir=cache_dir).to(device)
-    plan = enable_fast_path(model, cfg.fast_path, device=device)
-    log.info("model %s on %s, fast path %s", cfg.name, device, plan)
+    if cfg is None and checkpoint is None:
+        raise ValueError("load_model: give a model config, a checkpoint or both")
+    if sha256 is not None and (checkpoint is None or isinstance(checkpoint, Checkpoint)):
+        raise ValueError("load_model: sha256 checks a checkpoint file; cfg.checkpoint_sha256 is cfg.checkpoint's")
+    mode = fast_path if fast_path is not None else cfg.fast_path if cfg is not None else "off"
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"{'model.' if fast_path is None else ''}fast_path={mode!r}: expected auto, on or off")
+    device = resolve_device(device if device is not None else cfg.device if cfg is not None else "cpu")
+    if checkpoint is None:
+        model = _from_config(cfg, s3, cache_dir)
+    else:
+        if not isinstance(checkpoint, Checkpoint):
+            checkpoint = read_checkpoint(checkpoint, sha256=sha256, s3=s3, cache_dir=cache_dir)
+        model = _from_checkpoint(checkpoint, cfg)
+    model = model.to(device)
+    plan = enable_fast_path(model, mode, device=device)
+    log.info("model on %s, fast path %s", device, plan)
     return model
+
+
+def _from_config(cfg: ModelConfig, s3: Optional[S3Options], cache_dir: str | os.PathLike | None) -> Sam:
+    model = build_sum_model(cfg)
+    if not cfg.checkpoint:
+        return model
+    ckpt = read_checkpoint(cfg.checkpoint, sha256=cfg.checkpoint_sha256, s3=s3, cache_dir=cache_dir)
+    if ckpt.model_config is not None:
+        diffs = architecture_diff(ckpt.model_config, cfg)
+        if diffs:
+            raise CheckpointError(
+                f"{ckpt.source}: model config {cfg.name!r} differs from the checkpoint's: {'; '.join(diffs)}"
+            )
+    apply_state_dict(model, ckpt.state_dict, ckpt.source)
+    log.info("built %s from %s (%s)", cfg.name, ckpt.source, ckpt.format)
+    return model.eval()  # after the weights: TinyViT caches its attention biases on eval()
+
+
+def _from_checkpoint(ckpt: Checkpoint, cfg: Optional[ModelConfig]) -> Sam:
+    if ckpt.model_config is not None:
+        stored = config_from_dict(ckpt.model_config, ckpt.source)
+        try:
+            model = build_sum_model(stored)
+        except (ValueError, TypeError) as e:
+            first = str(e).splitlines()[0]
+            raise CheckpointError(f"{ckpt.source}: stored model config does not build: {first}") from None
+    elif cfg is None:
+        raise CheckpointError(f"{ckpt.source}: a plain SAM state dict carries no model config: pass the config it fits")
+    else:
+        model = build_sum_model(cfg)
+    apply_state_dict(model, ckpt.state_dict, ckpt.source)
+    log.info("loaded %s (%s, %d tensors)", ckpt.source, ckpt.format, len(ckpt.state_dict))
+    return model.eval()

@@ -1,11 +1,12 @@
 """``sumseg pull models:/<name>@<alias> --out model.pt``: a registered version's checkpoint on disk.
 
 ``--format sum`` writes the SUM checkpoint as registered (task prompt and stored config
-included; `sum.model.checkpoint.load_sum_checkpoint` reads it). ``--format sam`` writes the SAM
-part as a plain state dict (`sum.model.export.export_sam`): a ViT-based model loads into stock
-``segment_anything.sam_model_registry[...]``, a MobileSAM-based one into ``mobile_sam``'s
-``sam_model_registry["vit_t"]`` (stock SAM cannot build TinyViT). The checkpoint's sha256 is
-checked against the version's ``checkpoint_sha256`` tag before anything is written.
+included; ``sum.model.load_model(checkpoint=...)`` builds the model from it). ``--format sam``
+writes the SAM part as a plain state dict (`sum.model.export.export_sam`): a ViT-based model
+loads into stock ``segment_anything.sam_model_registry[...]``, a MobileSAM-based one into
+``mobile_sam``'s ``sam_model_registry["vit_t"]`` (stock SAM cannot build TinyViT). The
+checkpoint's sha256 is checked against the version's ``checkpoint_sha256`` tag before anything
+is written.
 """
 
 from __future__ import annotations

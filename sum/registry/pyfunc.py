@@ -46,8 +46,7 @@ from pycocotools import mask as mask_utils
 from sum.data.formats import ImageReadError, read_image
 from sum.data.image_files import decode_image
 from sum.io import FetchError, fetch
-from sum.model.checkpoint import load_sum_checkpoint, resolve_device
-from sum.model.fast import enable_fast_path
+from sum.model.checkpoint import load_model
 from sum.model.predictor import SumPredictor
 from sum.tasks import TASK_IDS
 
@@ -233,10 +232,9 @@ class SumPyfunc(PythonModel):
         unknown = sorted(set(config) - set(DEFAULT_MODEL_CONFIG))
         if unknown:
             raise MlflowException(f"model_config: unknown key(s) {unknown}; known: {sorted(DEFAULT_MODEL_CONFIG)}")
-        model, _ = load_sum_checkpoint(context.artifacts["checkpoint"])
-        device = resolve_device(str(config["device"]))
-        model = model.to(device).eval()
-        enable_fast_path(model, str(config["fast_path"]), device=device)
+        model = load_model(
+            checkpoint=context.artifacts["checkpoint"], device=str(config["device"]), fast_path=str(config["fast_path"])
+        )
         self.predictor = SumPredictor(model)
         self.low_res = int(model.prompt_encoder.mask_input_size[0])
         self.cache = EmbeddingLRU(int(config["embedding_cache_size"]))

@@ -14,8 +14,8 @@ from torch import nn
 
 from sum.data.dataset import build_dataset
 from sum.io import S3Options
-from sum.model.checkpoint import build_model
-from sum.model.fast import cpu_has_native_bf16, enable_fast_path
+from sum.model.checkpoint import load_model
+from sum.model.fast import cpu_has_native_bf16
 from sum.pseudo.dataset import PseudoLabelDataset
 from sum.tracking import NullTracker, flatten, start_run
 from sum.train.data import LABELED, UNLABELED, Pool
@@ -28,11 +28,11 @@ def build_train_model(cfg, info: DistInfo) -> nn.Module:
     (spec §8.1), and the encoder fast path in full mode on CUDA."""
     t = cfg.train
     torch.manual_seed(t.seed)  # the same initial weights on every rank even without a checkpoint
-    sam = build_model(cfg.model, s3=S3Options.from_config(cfg.storage.s3)).to(info.device)
+    fast_path = cfg.model.fast_path if info.device.type == "cuda" and t.mode == "full" else "off"
+    s3 = S3Options.from_config(cfg.storage.s3)
+    sam = load_model(cfg.model, s3=s3, device=str(info.device), fast_path=fast_path)
     set_trainable(sam, t.mode)
     set_train_modes(sam, t.mode)
-    if info.device.type == "cuda" and t.mode == "full":
-        enable_fast_path(sam, cfg.model.fast_path, device=info.device)
     return sam
 
 
