@@ -250,6 +250,32 @@ def test_score_image_matches_the_best_gt_and_scores_errors():
     assert m["miou_refined"] > m["miou_pseudo"]
 
 
+def test_report_says_how_much_loss_weight_certainty_removes_from_error_pixels():
+    """Issue 19: c on error vs correct pixels and the share of the UA focal weight (spec §5.3) and
+    of the UA Dice mask (§5.4, theta 0.6) taken off each, hand-computed."""
+    from sum.data.coco import encode_rle
+
+    size = (32, 32)
+    pseudo = np.zeros(size, bool)
+    pseudo[8:24, 8:20] = True
+    gt = np.zeros(size, bool)
+    gt[8:24, 8:24] = True  # error: rows 8..23 x columns 20..23, 64 pixels
+    img = {"image_id": "1", "height": 32, "width": 32, "annotations": [{"id": 5, "bbox": [8, 8, 11, 15], "segmentation": encode_rle(pseudo)}]}
+    u = np.zeros((1, 32, 32), np.float32)
+    u[0, 8:16, 20:24] = 0.9  # half the error pixels: c = 0.1
+    u[0, 8:24, 8:12] = 0.5  # 64 correct pixels: c = 0.5, below theta too
+    s = np.where(pseudo, 5.0, -5.0)[None].astype(np.float32)
+    (rec,) = score_image(img, s, u, None, gt[None], 32, 0.6, 0.1, 8)
+    n_correct = rec["n_region"] - 64
+    assert rec["n_error"] == 64 and n_correct > 64
+    assert rec["c_mean_error"] == pytest.approx(1 - 0.9 * 32 / 64)
+    assert rec["c_mean_correct"] == pytest.approx(1 - 0.5 * 64 / n_correct)
+    m = summarize([rec])
+    assert m["c_mean_error_per_mask"] == pytest.approx(0.55) and m["focal_weight_removed_error"] == pytest.approx(0.45)
+    assert m["focal_weight_removed_correct"] == pytest.approx(0.5 * 64 / n_correct)
+    assert m["dice_removed_error"] == pytest.approx(0.5) and m["dice_removed_correct"] == pytest.approx(64 / n_correct)
+
+
 def _records_for(pseudo, gts, u_hw, size=(64, 64)):
     from sum.data.coco import encode_rle
 

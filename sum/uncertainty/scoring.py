@@ -88,7 +88,8 @@ def score_image(
 
     Returns:
       one dict per pseudo label: id, gt_iou_pseudo, gt_iou_refined, auroc, auroc_confidence,
-      n_region, n_error, and pixel counts for the certain/uncertain accuracy.
+      n_region, n_error, pixel counts for the certain/uncertain accuracy, the sums of ``u`` on
+      error and correct pixels, and the mean certainty ``c = 1 - u`` on each (nan when empty).
     """
 
     size = (int(img["height"]), int(img["width"]))
@@ -129,6 +130,8 @@ def score_image(
             correct_uncertain=int((~err & ~certain).sum()),
             u_sum_error=float(u[err].sum()),
             u_sum_correct=float(u[~err].sum()),
+            c_mean_error=float(1.0 - u[err].mean()) if err.any() else float("nan"),
+            c_mean_correct=float(1.0 - u[~err].mean()) if (~err).any() else float("nan"),
         )
         out.append(rec)
     return out
@@ -162,7 +165,38 @@ def summarize(records: Sequence[dict]) -> dict:
     out["acc_certain"] = sum(r.get("correct_certain", 0) for r in records) / n_c if n_c else float("nan")
     out["acc_uncertain"] = sum(r.get("correct_uncertain", 0) for r in records) / n_u if n_u else float("nan")
     out["uncertain_pixel_fraction"] = n_u / (n_c + n_u) if (n_c + n_u) else float("nan")
+    out.update(loss_weight_removed(records))
     return out
+
+
+def loss_weight_removed(records: Sequence[dict]) -> dict:
+    """How much of the loss the certainty ``c = 1 - u`` takes off error and off correct pixels
+    (spec §5.3, §5.4), the test of whether ``u`` acts and not only ranks:
+
+    - ``c_mean_error_per_mask`` / ``c_mean_correct_per_mask``: the mean over pseudo labels of
+      their mean ``c`` on error / correct pixels;
+    - ``focal_weight_removed_error`` / ``_correct``: the share of the focal loss weight removed,
+      ``sum(u) / n`` over all error / correct pixels (the UA focal loss weighs pixel i by ``c_i``);
+    - ``dice_removed_error`` / ``_correct``: the share of error / correct pixels the UA Dice mask
+      ``1[c > theta]`` drops.
+    """
+
+    def mean_of(key: str) -> float:
+        v = [r[key] for r in records if key in r and np.isfinite(r[key])]
+        return float(np.mean(v)) if v else float("nan")
+
+    n_err = sum(r.get("n_error", 0) for r in records)
+    n_ok = sum(r.get("n_region", 0) - r.get("n_error", 0) for r in records)
+    uncertain_err = sum(r.get("n_uncertain", 0) - r.get("correct_uncertain", 0) for r in records)
+    uncertain_ok = sum(r.get("correct_uncertain", 0) for r in records)
+    return {
+        "c_mean_error_per_mask": mean_of("c_mean_error"),
+        "c_mean_correct_per_mask": mean_of("c_mean_correct"),
+        "focal_weight_removed_error": sum(r.get("u_sum_error", 0.0) for r in records) / n_err if n_err else float("nan"),
+        "focal_weight_removed_correct": sum(r.get("u_sum_correct", 0.0) for r in records) / n_ok if n_ok else float("nan"),
+        "dice_removed_error": uncertain_err / n_err if n_err else float("nan"),
+        "dice_removed_correct": uncertain_ok / n_ok if n_ok else float("nan"),
+    }
 
 
 def auroc_by_match_iou(records: Sequence[dict], bands: Sequence[float] = MATCH_IOU_BANDS) -> Dict[str, dict]:
