@@ -334,6 +334,7 @@ class EmbeddingSource:
 
     @property
     def fingerprint(self) -> Optional[str]:
+        """The encoder fingerprint the cached embeddings must carry (class docstring)."""
         if self._fingerprint is None and self.predictor is not None:
             self._fingerprint = self.predictor.fingerprint()
         return self._fingerprint
