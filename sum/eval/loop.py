@@ -1,6 +1,6 @@
 """The evaluation loop of the ``evaluate`` stage (spec §10): every model's protocols on every
 benchmark image (`evaluate_benchmarks`), with each image's embedding read from the cache or encoded
-once per encoder (`EmbeddingSource`), and the per-mask scores aggregated the paper's way
+once per encoder (`EncoderEmbeddings`), and the per-mask scores aggregated the paper's way
 (`summarise`).
 """
 
@@ -33,7 +33,7 @@ class PanelRow:
     clicks: Dict[str, Dict[int, List[List[Click]]]] = field(default_factory=dict)  # model -> round -> per target
 
 
-class EmbeddingSource:
+class EncoderEmbeddings:
     """An image's embedding for each distinct encoder: one `sum.model.embeddings.EmbeddingSource`
     per encoder fingerprint, reading the cache where that encoder made it (decoder-mode fine-tunes
     share the foundation's) and encoding here otherwise, once per image and encoder.
@@ -71,7 +71,7 @@ def evaluate_benchmarks(
     dataset_task: Dict[str, str],
     trained_tasks: Collection[str],
     ev,
-    embeddings: EmbeddingSource,
+    embeddings: EncoderEmbeddings,
     autocast=None,
     timings: Optional[Dict[str, float]] = None,
 ):
