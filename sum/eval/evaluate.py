@@ -62,7 +62,7 @@ from sum.eval import report
 from sum.eval.loop import EncoderEmbeddings, evaluate_benchmarks, summarise
 from sum.eval.protocol import check_eval_config, decoder_autocast
 from sum.eval.scoring import check_checkpoints, load_eval_models
-from sum.io import S3Options, md5_file
+from sum.io import S3Options, md5_file, redact
 from sum.model.checkpoint import resolve_device
 from sum.tracking import EVAL_MD5_TAG, NullTracker, flatten, start_run
 
@@ -140,7 +140,7 @@ def _run_evaluate(cfg, names: List[str]) -> Dict:
         timings["outputs"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         info["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
-        report.write_run_json(paths["run"], info)
+        report.write_run_json(paths["run"], redact(info))  # no checkpoint URI's signature in a file
         log.info("evaluate: %s", ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
         log.info("evaluate: table %s, curves %s/, panels %s/, metrics %s",
                  paths["table"], ev.plots_dir, Path(ev.out_dir) / "panels", ev.metrics)

@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional
 
+from sum.io import redact, redact_text
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -90,7 +92,8 @@ def global_tracking_uri(uri: str) -> Iterator[None]:
 def flatten(obj: Any, prefix: str = "") -> Dict[str, str]:
     """A config (dataclasses, dicts, lists) as flat ``{"train.lr": "1e-05", ...}`` MLflow params.
 
-    Lists become their ``str``; values longer than MLflow's limit are cut with a trailing "...".
+    Lists become their ``str``; secrets become ``***`` (`param_value`); values longer than MLflow's
+    limit are cut with a trailing "...".
     """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         obj = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
@@ -99,10 +102,16 @@ def flatten(obj: Any, prefix: str = "") -> Dict[str, str]:
         for k, v in obj.items():
             out.update(flatten(v, f"{prefix}{k}."))
         return out
-    value = str(obj)
+    value = param_value(prefix[:-1], obj)
     if len(value) > _MAX_PARAM_CHARS:
         value = value[: _MAX_PARAM_CHARS - 3] + "..."
     return {prefix[:-1]: value}
+
+
+def param_value(key: str, value: Any) -> str:
+    """``str(value)`` as it may be logged under ``key``: ``***`` for the string of a secret key,
+    URL passwords and signatures masked (`sum.io.redact`)."""
+    return redact(value, key) if isinstance(value, str) else redact_text(str(value))
 
 
 class NullTracker:
@@ -150,7 +159,7 @@ class RunTracker(NullTracker):
         existing = self.client.get_run(self.run_id).data.params
         new, changed = [], []
         for key, value in params.items():
-            value = str(value)
+            value = param_value(key, value)
             if key not in existing:
                 new.append(Param(key, value))
             elif existing[key] != value:
@@ -174,7 +183,7 @@ class RunTracker(NullTracker):
         from mlflow.entities import RunTag
 
         if tags:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            self.client.log_batch(self.run_id, tags=[RunTag(k, param_value(k, v)) for k, v in tags.items()])
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: Optional[str] = None) -> None:
         """Upload a file (e.g. the final SUM checkpoint) to the run's artifact store."""
@@ -312,7 +321,7 @@ def start_run(
             experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
         else:
             experiment_id = exp.experiment_id
-    run = client.create_run(experiment_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name)
+    run = client.create_run(experiment_id, tags={k: param_value(k, v) for k, v in all_tags.items()}, run_name=run_name)
     log.info("MLflow run %s (experiment %s) at %s", run.info.run_id, experiment, uri)
     return RunTracker(client, run.info.run_id, uri, system_metrics, sampling_interval)
 
