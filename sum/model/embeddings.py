@@ -38,7 +38,7 @@ from sum.data.formats import read_image
 from sum.io import S3Options, atomic_torch_save, atomic_write_text, check_format, sha256_file
 from sum.model.checkpoint import load_model
 from sum.model.predictor import EMBEDDING_FORMAT, ImageEmbedding, SumPredictor, read_embedding_record
-from sum.progress import progress_bar
+from sum.progress import StopSignals, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def embed_datasets(
     datasets: Mapping[str, object],
     out_dir: str | os.PathLike,
     dtype: str = "float16",
+    stop: Optional[StopSignals] = None,
 ) -> Dict[str, dict]:
     """Encode every image of every dataset once and store its embedding (module docstring).
 
@@ -107,6 +108,8 @@ def embed_datasets(
       datasets: name -> `sum.data.sample.SegDataset` (``image_ids``, ``image_path(i)``).
       out_dir: the cache folder.
       dtype (str): "float16" (default) or "float32", the storage dtype of the features.
+      stop: the stage's `StopSignals`: after a signal the image in flight is finished, the
+        dataset's index written and `StageStopped` raised.
 
     Returns:
       name -> {"images", "encoded", "skipped", "seconds", "seconds_per_encoded_image"}.
@@ -115,6 +118,7 @@ def embed_datasets(
       ValueError: naming ``dtype`` when unknown, or a dataset with duplicate image ids.
       FileNotFoundError: naming a missing image file.
       sum.data.formats.ImageReadError: naming the image file that does not decode.
+      sum.progress.StageStopped: after SIGINT / SIGTERM (``stop``), the finished images indexed.
     """
     if dtype not in DTYPES:
         raise ValueError(f"embed.dtype={dtype!r}: expected one of {sorted(DTYPES)}")
@@ -155,6 +159,9 @@ def embed_datasets(
                 images[image_id] = _encode(predictor, image_path, path, torch_dtype, img_size, fingerprint, digest)
                 encoded += 1
             bar.update(1)
+            if stop is not None and stop.signum is not None:
+                _write_index(index_path, name, fingerprint, img_size, dtype, images)
+                stop.stop(f"{len(images)} of {len(ids)} images of {name}")
             if time.perf_counter() - last_index > _INDEX_EVERY_S:
                 _write_index(index_path, name, fingerprint, img_size, dtype, {**images})
                 last_index = time.perf_counter()
@@ -282,12 +289,14 @@ def run_embed(cfg) -> Dict[str, dict]:
 
     Raises:
       ValueError: naming unknown dataset names.
+      sum.progress.StageStopped: after SIGINT / SIGTERM, once the image in flight is stored.
     """
     names = select_datasets(cfg.data.datasets, cfg.embed.datasets, "embed.datasets")
     torch.manual_seed(0)  # a randomly initialised model (no checkpoint) is the same in every stage
     model = load_model(cfg.model, s3=S3Options.from_config(cfg.storage.s3))
     datasets = {n: build_dataset(cfg.data.datasets[n], n) for n in names}
-    return embed_datasets(model, datasets, cfg.embed.out_dir, cfg.embed.dtype)
+    with StopSignals("embed") as stop:
+        return embed_datasets(model, datasets, cfg.embed.out_dir, cfg.embed.dtype, stop=stop)
 
 
 class EmbeddingSource:

@@ -41,6 +41,7 @@ from sum.io import S3Options, atomic_write_text
 from sum.model.checkpoint import config_to_dict
 from sum.model.embeddings import INDEX_NAME, EmbeddingSource
 from sum.model.predictor import encoder_fingerprint
+from sum.progress import StopSignals
 from sum.pseudo.amg import MaskGenerator
 from sum.pseudo.cluster import run_jobs, task_threads, where_run
 from sum.pseudo.store import SHARD_FORMAT, keep_by_ratio, list_shards, read_shard_json, shard_paths
@@ -169,11 +170,14 @@ def pseudolabel(cfg) -> Dict[str, Any]:
       ValueError: naming the config key, or the embedding index, when something is missing.
       RuntimeError: one line naming the scheduler address when it is unreachable, or the shard
         whose task failed.
+      sum.progress.StageStopped: on SIGINT / SIGTERM, at once; the finished shards are kept.
     """
     threads = torch.get_num_threads()
     with stage_run(cfg.tracking, "pseudolabel", params={"pseudo": cfg.pseudo}) as tracker:
+        # a shard can take minutes: a signal stops at once (shards are written atomically)
         try:
-            metrics = _pseudolabel(cfg)
+            with StopSignals("pseudolabel", "finished shards are kept, run it again to resume", at_once=True):
+                metrics = _pseudolabel(cfg)
         finally:
             torch.set_num_threads(threads)  # in-process runs and the driver's model set their own
         tracker.log_json_metrics(cfg.pseudo.metrics)

@@ -1,4 +1,4 @@
-"""A training run's state: seeding, stop signals, the resume key and the saved train state.
+"""A training run's state: seeding, the stop it raises, the resume key and the saved train state.
 
 ``<run_dir>/<method>/train_state.pt`` is written every ``checkpoint_every`` steps, at the end and
 when SIGTERM/SIGINT arrives (the step in flight finishes first), atomically: model, optimizer,
@@ -16,8 +16,6 @@ import hashlib
 import json
 import logging
 import random
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -26,18 +24,20 @@ import numpy as np
 import torch
 
 from sum.io import atomic_torch_save, check_format
+from sum.progress import StageStopped, signal_name
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "sum-train-state/1"
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(StageStopped):
     """SIGTERM or SIGINT stopped the training; the state of ``step`` is saved for resuming."""
 
     def __init__(self, step: int, signum: int, state_path: Path):
-        super().__init__(f"training stopped by signal {signum} after step {step}; state saved to {state_path}")
-        self.step, self.signum, self.state_path = step, signum, state_path
+        super().__init__(f"stopped by {signal_name(signum)} after step {step}; state saved to {state_path}, "
+                         "run it again to resume", signum)
+        self.step, self.state_path = step, state_path
 
 
 def seed_everything(seed: int) -> None:
@@ -70,28 +70,6 @@ def set_rng_state(state: Dict) -> None:
     random.setstate((v, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class StopSignals:
-    """SIGTERM and SIGINT set a flag: the loop finishes its step, saves and stops. A second SIGINT
-    interrupts at once. Only installed in the main thread; restored by `restore`."""
-
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._old = {}
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        log.warning("signal %d: stopping after this step", signum)
-        self.signum = signum
-
-    def restore(self) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
 
 
 @dataclass

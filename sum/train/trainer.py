@@ -42,7 +42,7 @@ from sum.io import atomic_write_text, md5_file
 from sum.model.checkpoint import save_sum_checkpoint
 from sum.model.embeddings import EmbeddingSource
 from sum.model.predictor import encoder_fingerprint
-from sum.progress import progress_bar
+from sum.progress import StopSignals, progress_bar
 from sum.tracking import MODEL_MD5_TAG
 from sum.train.build import build_pools, build_train_model, forward_autocast, start_tracking
 from sum.train.data import LABELED, UNLABELED, Pool, cached_features, global_batch, load_items, rank_slots, split_batch, to_device
@@ -53,7 +53,6 @@ from sum.train.rounds import RoundOptions, forward_backward
 from sum.train.sampling import RoundSpec, round_schedule
 from sum.train.state import (
     RunPaths,
-    StopSignals,
     TrainingStopped,
     load_train_state,
     resume_key,
@@ -214,7 +213,7 @@ def finetune(
     run = setup_run(cfg, method_name, pools, embeddings)
     t, info, optimizer, tracker = cfg.train, run.info, run.optimizer, run.tracker
     step, history = run.step, run.history
-    stop = StopSignals()
+    stop = StopSignals("finetune")
     bar = progress_bar(t.iterations, "finetune", unit="step", initial=step, enabled=info.rank == 0)
     t0, images_done, status = time.perf_counter(), 0, "FAILED"
     saved_step, updating = step, False
