@@ -18,6 +18,7 @@ from sum.config.compose import (
     validated,
 )
 from sum.config.data import (
+    ROLES,
     AcquireConfig,
     DataConfig,
     DatasetConfig,

@@ -12,8 +12,9 @@ from typing import Any, List, Tuple
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from sum.config.data import DataConfig
+from sum.config.data import ROLES, DataConfig
 from sum.config.stages import Config, EvalConfig, MethodConfig, ModelConfig, TrainConfig
+from sum.tasks import TASK_IDS
 
 PARAMS_DIR = Path(__file__).resolve().parent.parent.parent / "params"
 
@@ -52,11 +53,48 @@ def validated(raw: Any, source: str, schema: type = Config) -> Any:
     try:
         merged = OmegaConf.merge(schema, raw)
         OmegaConf.resolve(merged)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        cfg = OmegaConf.to_object(merged)
     except (ConfigKeyError, ValidationError, OmegaConfBaseException) as e:
         key = getattr(e, "full_key", None) or ""
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{source}: bad config key {key!r}: {msg}") from None
+    if isinstance(cfg, Config):
+        check_values(cfg, source)
+    return cfg  # type: ignore[return-value]
+
+
+def check_values(cfg: Config, source: str) -> None:
+    """Refuse the values a type cannot: a dataset's or world set's ``role`` outside `ROLES`, a
+    dataset ``task`` outside `sum.tasks.TASK_IDS`, ``train.iterations`` below 1.
+
+    Raises:
+      ConfigError: "<source>: bad value <key>=<value>: expected ..." for the first one found.
+    """
+    def refuse(key: str, value: Any, expected: str) -> None:
+        raise ConfigError(f"{source}: bad value {key}={value!r}: expected {expected}")
+
+    for name, d in cfg.data.datasets.items():
+        if d.role not in ROLES:
+            refuse(f"data.datasets.{name}.role", d.role, f"one of {', '.join(ROLES)}")
+        if d.task not in TASK_IDS:
+            refuse(f"data.datasets.{name}.task", d.task, f"one of {', '.join(TASK_IDS)}")
+    for name, s in cfg.data.world.sets.items():
+        if s.role not in ROLES:
+            refuse(f"data.world.sets.{name}.role", s.role, f"one of {', '.join(ROLES)}")
+    if cfg.train.iterations < 1:
+        refuse("train.iterations", cfg.train.iterations, "at least 1 (optimiser steps)")
+
+
+def one_line(message: str) -> str:
+    """A multi-line library message (Hydra's) as one line: its lines joined with " ", a list of
+    tab-indented options with ", ", the config search path left out (e.g. "Could not override
+    'foo.bar'. To append to your config use +foo.bar=1")."""
+    out = ""
+    for line in message.split("Config search path:")[0].splitlines():
+        item = line.strip()
+        if item:
+            out += (", " if line.startswith("\t") and not out.endswith(":") else " ") + item if out else item
+    return out
 
 
 def load_params(path: str | os.PathLike = "params.yaml") -> Config:
@@ -86,7 +124,7 @@ def _hydra_compose(overrides: List[str] | None, config_dir: str | os.PathLike | 
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
             cfg: DictConfig = hydra_compose(config_name="config", overrides=list(overrides or []))
     except HydraException as e:
-        raise ConfigError(f"{config_dir}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{config_dir}: {one_line(str(e))}") from None
     return cfg, f"{config_dir}/config.yaml with overrides {list(overrides or [])}"
 
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+ROLES = ("labeled", "unlabeled", "benchmark")  # what a dataset is for: training with masks, pseudo-labeling, evaluation
+
+
 @dataclass
 class S3Config:
     """S3 access. Empty fields fall back to the usual AWS environment variables and files.

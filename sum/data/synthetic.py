@@ -39,7 +39,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 import cv2
 import numpy as np
 
-from sum.config import WorldConfig, WorldSetConfig
+from sum.config import ROLES, WorldConfig, WorldSetConfig
 from sum.data.coco import decode_rle, mask_to_annotation, write_coco
 from sum.data.world import STYLES, categories, render_scene
 from sum.io import atomic_write_bytes
@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 GENERATOR = "sum.data.synthetic"
 LICENCE = "CC0 (generated)"
 GRANULARITIES = ("salient", "entity", "part")
-ROLES = ("labeled", "unlabeled", "benchmark")
 DEFAULT_SHEET = Path("outputs/world_contact_sheet.png")
 LICENSES = [{"id": 1, "name": "CC0 1.0 (generated)", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}]
 
