@@ -12,22 +12,38 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
 
 from sum.config import Config, ConfigError, compose, load_params
+from sum.io import RedactFilter, redact_text
+from sum.progress import StageStopped
 from sum.tracking import pipeline_parent
 
 log = logging.getLogger("sum")
 
+DEFAULT_PARAMS = "params.yaml"
+REDACT_LOGS = RedactFilter()
+
 
 def _config(args: argparse.Namespace) -> Config:
-    params = Path(args.params)
+    """The stage's config: ``--params`` when given (it must exist), else ``params.yaml`` when
+    present and there are no overrides, else ``params/`` composed with the overrides."""
     overrides = [] if args.stage == "pull" else args.overrides  # pull's positional is the model URI
-    if args.stage == "params" or overrides or not params.is_file():
+    if args.stage == "params":  # --params is what it writes
         return compose(overrides, config_dir=args.config_dir)
-    return load_params(params)
+    if args.params is not None:
+        if not Path(args.params).is_file():
+            raise FileNotFoundError(f"--params {args.params}: file not found")
+        if overrides:
+            raise ConfigError(f"--params {args.params}: overrides {overrides} apply to params/ (--config-dir), "
+                              "not to a composed params file; edit the file or drop --params")
+        return load_params(args.params)
+    if overrides or not Path(DEFAULT_PARAMS).is_file():
+        return compose(overrides, config_dir=args.config_dir)
+    return load_params(DEFAULT_PARAMS)
 
 
 def cmd_params(cfg: Config, args: argparse.Namespace) -> None:
@@ -36,8 +52,9 @@ def cmd_params(cfg: Config, args: argparse.Namespace) -> None:
     from sum.config import params_yaml_text
     from sum.io import atomic_write_text
 
-    atomic_write_text(args.params, params_yaml_text(args.overrides, args.config_dir))
-    log.info("wrote %s", args.params)
+    out = args.params or DEFAULT_PARAMS
+    atomic_write_text(out, params_yaml_text(args.overrides, args.config_dir))
+    log.info("wrote %s", out)
 
 
 def cmd_acquire(cfg: Config, args: argparse.Namespace) -> None:
@@ -131,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sumseg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=sorted({*STAGES, *CONFIG_STAGES}), help="what to run")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=vit_b train.lr=1e-4 (pull: the models:/ URI)")
-    p.add_argument("--params", default="params.yaml", help="composed params file (default: params.yaml)")
+    p.add_argument("--params", help="composed params file to read (must exist; default: params.yaml when present, "
+                   "else params/ composed); params: the file to write")
     p.add_argument("--config-dir", default=None, help="Hydra config dir (default: the repo's params/)")
     p.add_argument("--src", help="export-sam: SUM checkpoint (path, s3:// or https://)")
     p.add_argument("--sha256", help="export-sam: expected sha256 of --src")
@@ -152,11 +170,17 @@ TRACKED_STAGES = frozenset(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one stage. Exit 0 on success; 2 with one line naming the file or key on bad input
+    (config, files, values); 128 + the signal (130 SIGINT, 143 SIGTERM) with one line when a signal
+    stops the stage (`sum.progress.StageStopped`). Log lines and the error line pass through
+    `sum.io.redact_text`: no URL password or signature reaches the log."""
     args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(REDACT_LOGS)
     # no MLflow usage reports from pipeline stages (they run offline, and the reporting thread
     # must not cross the world stage's fork); MLFLOW_DISABLE_TELEMETRY=false opts back in
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -175,11 +199,15 @@ def main(argv: list[str] | None = None) -> int:
         # one clear line, naming the file or key, is what the user needs; tracebacks with -v
         if args.verbose:
             raise
-        print(f"sumseg {args.stage}: error: {e}", file=sys.stderr)
+        print(f"sumseg {args.stage}: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # StageStopped (the stage's own stop) or a plain Ctrl-C
         status = "KILLED"
-        raise
+        if args.verbose:
+            raise
+        stopped = e if isinstance(e, StageStopped) else StageStopped("stopped by SIGINT", signal.SIGINT)
+        print(f"sumseg {args.stage}: {redact_text(str(stopped))}", file=sys.stderr)
+        return stopped.exit_code
     finally:
         if parent is not None:
             parent.finish(status)
