@@ -3,10 +3,11 @@ other than 0), and one way to stop on SIGINT / SIGTERM (`StopSignals`, `StageSto
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
-from typing import Optional
+from typing import Iterator, Optional
 
 from tqdm.auto import tqdm
 
@@ -70,10 +71,12 @@ class StopSignals:
       resume: what the next run does with the work done, for the stop message ("run it again to
         resume").
       at_once: raise in the handler instead of setting the flag.
+      unit: what the loop finishes before it stops ("step", "image"), for the warning.
     """
 
-    def __init__(self, stage: str, resume: str = "run it again to resume", at_once: bool = False) -> None:
-        self.stage, self.resume, self.at_once = stage, resume, at_once
+    def __init__(self, stage: str, resume: str = "run it again to resume", at_once: bool = False,
+                 unit: str = "step") -> None:
+        self.stage, self.resume, self.at_once, self.unit = stage, resume, at_once, unit
         self.signum: Optional[int] = None
         self._old = {}
         if threading.current_thread() is threading.main_thread():
@@ -85,7 +88,7 @@ class StopSignals:
         self.signum = signum
         if self.at_once or again:
             self.stop()
-        log.warning("%s: %s, stopping after this step", self.stage, signal_name(signum))
+        log.warning("%s: %s, stopping after this %s", self.stage, signal_name(signum), self.unit)
 
     def stop(self, done: str = "") -> None:
         """Raise `StageStopped` for the signal that arrived: "<stage> stopped by SIGTERM[ after
@@ -104,3 +107,20 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+@contextlib.contextmanager
+def children_ignore_sigint() -> Iterator[None]:
+    """SIGINT ignored while the block starts worker processes (a Dask LocalCluster's): they inherit
+    the ignored signal, across ``exec`` too, so a terminal's Ctrl-C, which reaches the whole
+    process group, stops the stage through this process alone (`StopSignals`), without a
+    traceback from every worker. A SIGINT during the block itself is lost. Outside the main thread
+    it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -295,7 +295,7 @@ def run_embed(cfg) -> Dict[str, dict]:
     torch.manual_seed(0)  # a randomly initialised model (no checkpoint) is the same in every stage
     model = load_model(cfg.model, s3=S3Options.from_config(cfg.storage.s3))
     datasets = {n: build_dataset(cfg.data.datasets[n], n) for n in names}
-    with StopSignals("embed") as stop:
+    with StopSignals("embed", unit="image") as stop:
         return embed_datasets(model, datasets, cfg.embed.out_dir, cfg.embed.dtype, stop=stop)
 
 

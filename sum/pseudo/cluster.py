@@ -11,7 +11,7 @@ from typing import Any, Dict, List
 import dask
 from distributed import Client, LocalCluster, as_completed
 
-from sum.progress import progress_bar
+from sum.progress import children_ignore_sigint, progress_bar
 from sum.pseudo.worker import run_shard
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _client(pcfg):
     # workers are configured where they are started.
     threads = str(task_threads(pcfg))
     environ = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), children_ignore_sigint():
         cluster = LocalCluster(
             n_workers=int(pcfg.n_workers),
             threads_per_worker=int(pcfg.threads_per_worker),
