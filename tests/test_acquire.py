@@ -242,6 +242,39 @@ def test_pypi_wrong_archive_sha_names_the_archive(pypi_index, tmp_path, index_li
     assert all_files(tmp_path / "out") == []
 
 
+@pytest.mark.parametrize("layout", ["pip download folder", "index.html"])
+def test_pypi_from_a_file_mirror(pypi_index, tmp_path, monkeypatch, layout):
+    """``SUM_PYPI_INDEX_URL=file:///<mirror>``: a folder per project, holding the archives (a
+    listing is made of them) or pip's ``index.html``; the pinned sha256 is checked, no HTTP
+    request is made; a project missing from the mirror is one line naming it and the mirror."""
+    mirror = tmp_path / "mirror"
+    (mirror / "tinypkg").mkdir(parents=True)
+    for name, path in pypi_index.archives.items():
+        (mirror / "tinypkg" / name).write_bytes(path.read_bytes())
+    if layout == "index.html":
+        links = "".join(f'<a href="{n}#sha256={pypi_index.sha[n]}">{n}</a>' for n in pypi_index.archives)
+        (mirror / "tinypkg" / "index.html").write_text(f"<html><body>{links}</body></html>")
+    monkeypatch.setenv("SUM_PYPI_INDEX_URL", mirror.as_uri())
+    requests = len(pypi_index.server.log)
+    out = run(tmp_path, "tiny", tar_source(pypi_index))
+    assert (out / "sub" / "b.bin").read_bytes() == TAR_MEMBERS["tinypkg-0.1/tinypkg/data/sub/b.bin"]
+    assert verify_manifest(out) == [] and len(pypi_index.server.log) == requests
+    with pytest.raises(AcquireError) as e:
+        run(tmp_path, "tiny", tar_source(pypi_index, archive_sha256="0" * 64), out="bad")
+    assert "0" * 64 in str(e.value) and "\n" not in str(e.value)
+    (mirror / "tinypkg").rename(mirror / "elsewhere")
+    (tmp_path / "cache" / "tinypkg-0.1.tar.gz").unlink()
+    with pytest.raises(AcquireError) as e:
+        run(tmp_path, "tiny", tar_source(pypi_index), out="gone")
+    assert "tinypkg" in str(e.value) and str(mirror) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pypi_index_url_must_be_a_url(monkeypatch):
+    monkeypatch.setenv("SUM_PYPI_INDEX_URL", "/srv/mirror")
+    with pytest.raises(AcquireError, match="SUM_PYPI_INDEX_URL.*file://"):
+        acq.pypi_index_url()
+
+
 @pytest.mark.parametrize(
     "member, expected",
     [

@@ -51,7 +51,7 @@ from sum.data.acquire_common import (
     validate_source,
 )
 from sum.data.acquire_folder import FolderSource
-from sum.data.acquire_http import HttpsSource, http_download, http_error_line, http_open, parse_pep503
+from sum.data.acquire_http import HttpsSource, http_download, http_error_line, http_open, local_index_page, parse_pep503
 from sum.data.acquire_s3 import S3Source
 from sum.data.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from sum.io import S3Options, atomic_path, display_uri, sha256_file
@@ -184,13 +184,14 @@ def describe_source(name: str, src: SourceConfig) -> dict[str, Any]:
 
 
 def pypi_index_url() -> str:
-    """The simple index: ``$SUM_PYPI_INDEX_URL``, else ``$PIP_INDEX_URL`` when it is an http(s)
-    URL, else PyPI."""
+    """The simple index: ``$SUM_PYPI_INDEX_URL`` (an http(s) URL, or ``file://`` for a mirror on
+    disk laid out as pip reads one: ``<index>/<project>/`` holding the archives), else
+    ``$PIP_INDEX_URL`` when it is an http(s) URL, else PyPI."""
     ours = os.environ.get("SUM_PYPI_INDEX_URL", "").strip()
     if ours:
-        if not ours.startswith(("http://", "https://")):
+        if not ours.startswith(("http://", "https://", "file://")):
             raise AcquireError(
-                f"SUM_PYPI_INDEX_URL: expected an http(s) URL of a simple index, got {display_uri(ours)!r}"
+                f"SUM_PYPI_INDEX_URL: expected an http(s) or file:// URL of a simple index, got {display_uri(ours)!r}"
             )
         return ours.rstrip("/")
     pip = os.environ.get("PIP_INDEX_URL", "").strip()
@@ -220,9 +221,14 @@ def find_on_index(package: str, archive: str, index_url: Optional[str] = None) -
     project = re.sub(r"[-_.]+", "-", package.partition("==")[0].strip()).lower()
     page = f"{index}/{project}/"
     try:
-        with http_open(page, accept=f"{PEP691_JSON}, text/html;q=0.1") as resp:
-            content_type = resp.headers.get("Content-Type", "")
-            body = resp.read()
+        if page.startswith("file://"):
+            content_type, body = "text/html", local_index_page(page)
+        else:
+            with http_open(page, accept=f"{PEP691_JSON}, text/html;q=0.1") as resp:
+                content_type = resp.headers.get("Content-Type", "")
+                body = resp.read()
+    except FileNotFoundError:
+        raise AcquireError(f"{package}: {archive} not found: no project folder {project!r} in {display_uri(index)}") from None
     except urllib.error.HTTPError as e:
         if e.code == 404:
             raise AcquireError(

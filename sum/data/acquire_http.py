@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import html
 import html.parser
 import http.client
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from sum.data.acquire_common import AcquireError, ByteProgress, HashingWriter, Item, Source
@@ -98,6 +99,24 @@ def parse_pep503(text: str) -> list[dict]:
     p = _Pep503Parser()
     p.feed(text)
     return p.files
+
+
+def local_index_page(page: str) -> bytes:
+    """The project page ``file:///<index>/<project>/`` of a simple index on disk, as pip reads one:
+    the folder's ``index.html``, else a PEP 503 listing of the files in it (a folder of archives,
+    e.g. filled by ``pip download``; their sha256 is the pinned ``archive_sha256``).
+
+    Raises:
+      FileNotFoundError: when the project's folder does not exist.
+    """
+    folder = Path(urllib.request.url2pathname(urllib.parse.urlsplit(page).path))
+    if (folder / "index.html").is_file():
+        return (folder / "index.html").read_bytes()
+    if not folder.is_dir():
+        raise FileNotFoundError(folder)
+    links = "".join(f'<a href="{urllib.parse.quote(p.name)}">{html.escape(p.name)}</a>\n'
+                    for p in sorted(folder.iterdir()) if p.is_file())
+    return f"<!DOCTYPE html><html><body>\n{links}</body></html>\n".encode()
 
 
 
