@@ -33,6 +33,30 @@ def test_export_sam_cli_writes_a_stock_sam_state_dict(tmp_path, tiny_cfg):
         assert torch.equal(v, model.state_dict()[k]), k
 
 
+def test_export_sam_of_the_mobile_sam_default_loads_into_mobile_sams_vit_t(tmp_path, monkeypatch):
+    """The README's way for the MobileSAM-based default: the export loads strictly into
+    ``mobile_sam.sam_model_registry["vit_t"]`` (stock SAM cannot build TinyViT), weights equal."""
+    import warnings
+
+    from sum.cli import main
+
+    from conftest import model_config
+
+    cfg = model_config("mobile_sam")
+    torch.manual_seed(0)
+    model = build_sum_model(cfg)
+    src = save_sum_checkpoint(model, cfg, tmp_path / "models" / "sum.pt")
+    monkeypatch.chdir(tmp_path)
+    assert main(["export-sam", "--src", str(src), "--out", "sam.pth"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timm's deprecation notes on mobile_sam's imports
+        from mobile_sam import sam_model_registry
+
+        sam = sam_model_registry["vit_t"](checkpoint=str(tmp_path / "sam.pth"))
+    ours = model.state_dict()
+    assert all(torch.equal(v, ours[k]) for k, v in sam.state_dict().items())
+
+
 def test_export_sam_cli_missing_file_is_one_line(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "sum", "export-sam", "--src", str(tmp_path / "nope.ckpt"), "--out", "x.pth"],

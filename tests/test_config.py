@@ -69,6 +69,39 @@ def test_unknown_override_key_is_one_line():
     assert "no_such_key" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_own_datasets_replace_the_default_ones(tmp_path, monkeypatch):
+    """Your own data without the embedded datasets (README): ``'~data/datasets'`` drops the
+    ``data/datasets`` group's choice, ``+data.datasets.<name>=...`` adds yours; or a file of yours
+    in ``params/data/datasets/`` chosen with ``data/datasets=<name>``; DVC's composition agrees, and
+    ``sumseg validate`` then validates yours alone."""
+    import json
+    import shutil
+
+    from dvc.utils.hydra import compose_and_dump
+
+    from sum.cli import main
+    from sum.config import PARAMS_DIR, WorldSetConfig
+    from sum.data.synthetic import generate_set
+
+    assert len(compose([]).data.datasets) > 2
+    folder = generate_set(tmp_path, "mine", WorldSetConfig(task="salient", role="benchmark", n_images=1), 32, workers=1)
+    mine = f"{{format: coco, images: {folder}/images, annotations: {folder}/annotations.json, task: salient, role: benchmark}}"
+    overrides = ["~data/datasets", f"+data.datasets.mine={mine}"]
+    assert list(compose(overrides).data.datasets) == ["mine"]
+    out = tmp_path / "dvc_params.yaml"
+    compose_and_dump(out, str(PARAMS_DIR), None, "config", str(tmp_path), overrides)
+    assert list(yaml.safe_load(out.read_text())["data"]["datasets"]) == ["mine"]
+
+    config_dir = tmp_path / "params"
+    shutil.copytree(PARAMS_DIR, config_dir)
+    (config_dir / "data" / "datasets" / "mine.yaml").write_text(f"mine: {mine}\n")
+    assert list(compose(["data/datasets=mine"], config_dir=config_dir).data.datasets) == ["mine"]
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", *overrides, "--out", "validate.json"]) == 0
+    assert list(json.loads((tmp_path / "validate.json").read_text())["datasets"]) == ["mine"]
+
+
 def test_missing_params_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_params(tmp_path / "nope.yaml")

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from sum.io import FetchError, S3Options, atomic_path, display_uri, fetch, resolve_local
+from sum.io import FetchError, RedactFilter, S3Options, atomic_path, display_uri, fetch, redact, resolve_local
 
 DATA = b"segment anything, uncertainty-aware\n" * 100
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -92,6 +92,37 @@ def test_display_uri():
     assert display_uri("s3://b/k.pt") == "s3://b/k.pt"
     assert display_uri("/data/x?.pt") == "/data/x?.pt"
     assert display_uri("https://user:pw@host/x.pt?sig=1") == "https://***@host/x.pt?***"
+
+
+def test_redact_the_secret_rule():
+    """Secret-named keys (their string values), URL passwords and credential query parameters
+    become ***; everything else, types and order included, is kept."""
+    cfg = {
+        "storage": {"s3": {"access_key_id": "AKIA1", "secret_access_key": "s3cr3t", "profile": None, "region": "eu"}},
+        "model": {"checkpoint": "https://h/m.pt?versionId=7&X-Amz-Credential=AKIA2%2Fx&X-Amz-Signature=ab&x-amz-security-token=t",
+                  "zero_token_no_grad": True, "img_size": 1024},
+        "sources": ["https://u:pw@h/a.tar?sig=1&Signature=2&token=3&AWSAccessKeyId=4#frag", "s3://b/k"],
+        "api_token": "", "password": None,
+    }
+    assert redact(cfg) == {
+        "storage": {"s3": {"access_key_id": "***", "secret_access_key": "***", "profile": None, "region": "eu"}},
+        "model": {"checkpoint": "https://h/m.pt?versionId=7&X-Amz-Credential=***&X-Amz-Signature=***&x-amz-security-token=***",
+                  "zero_token_no_grad": True, "img_size": 1024},
+        "sources": ["https://u:***@h/a.tar?sig=***&Signature=***&token=***&AWSAccessKeyId=***#frag", "s3://b/k"],
+        "api_token": "", "password": None,
+    }
+    assert redact("see https://tok@h/x?a=1, or (http://h/y?sig=2).") == "see https://***@h/x?a=1, or (http://h/y?sig=***)."
+    assert redact(S3Options(access_key_id="AKIA1", region="eu"))["access_key_id"] == "***"
+
+
+def test_redact_filter_masks_log_lines(caplog):
+    import logging
+
+    logger = logging.getLogger("sum.test_redact")
+    caplog.set_level(logging.INFO)
+    caplog.handler.addFilter(RedactFilter())
+    logger.info("model %s: %s", "foundation", "https://h/m.pt?X-Amz-Signature=deadbeef")
+    assert "deadbeef" not in caplog.text and "X-Amz-Signature=***" in caplog.text
 
 
 def test_fetch_s3_sha_ok_and_mismatch(s3_bucket, tmp_path):
