@@ -2,8 +2,10 @@
 
 Without overrides a stage reads the composed ``params.yaml`` in the working directory, exactly as
 ``dvc repro`` runs it. With overrides (``model=vit_b``, ``eval.demo.max_images=2``) the config is
-composed from ``params/`` the way ``dvc exp run -S`` does. ``sumseg params`` writes that composition
-to ``params.yaml``.
+composed from ``params/`` the way ``dvc exp run -S`` does; ``--params FILE`` reads that file, which
+must exist. ``sumseg params`` writes the composition to ``params.yaml`` (or ``--params FILE``).
+Exit codes: 0 done, 2 bad input (one line naming the file or key), 130 / 143 stopped by SIGINT /
+SIGTERM (one line; the next run resumes).
 """
 
 from __future__ import annotations
