@@ -299,23 +299,16 @@ def save_sum_checkpoint(
 
 def resolve_device(name: str) -> torch.device:
     """``model.device``: ``auto`` is CUDA when available, else CPU; anything else as torch reads it.
-
-    Raises:
-      ValueError: naming ``model.device`` for a name torch does not read, or a CUDA device this
-        machine does not have.
-    """
+    A ValueError names ``model.device`` for a name torch does not read or a CUDA device not here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"model.device={name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"model.device={name!r}: no CUDA device on this machine (use auto or cpu)")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"model.device={name!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    count = torch.cuda.device_count() if device.type == "cuda" and torch.cuda.is_available() else 0
+    if device.type == "cuda" and (count == 0 or (device.index or 0) >= count):
+        raise ValueError(f"model.device={name!r}: this machine has {count} CUDA device(s) (use auto or cpu)")
     return device
 
 

@@ -108,8 +108,7 @@ def embed_datasets(
       datasets: name -> `sum.data.sample.SegDataset` (``image_ids``, ``image_path(i)``).
       out_dir: the cache folder.
       dtype (str): "float16" (default) or "float32", the storage dtype of the features.
-      stop: the stage's `StopSignals`: after a signal the image in flight is finished, the
-        dataset's index written and `StageStopped` raised.
+      stop: the stage's `StopSignals`: after a signal, the image in flight and the index are written.
 
     Returns:
       name -> {"images", "encoded", "skipped", "seconds", "seconds_per_encoded_image"}.
@@ -118,7 +117,7 @@ def embed_datasets(
       ValueError: naming ``dtype`` when unknown, or a dataset with duplicate image ids.
       FileNotFoundError: naming a missing image file.
       sum.data.formats.ImageReadError: naming the image file that does not decode.
-      sum.progress.StageStopped: after SIGINT / SIGTERM (``stop``), the finished images indexed.
+      sum.progress.StageStopped: after SIGINT / SIGTERM (``stop``).
     """
     if dtype not in DTYPES:
         raise ValueError(f"embed.dtype={dtype!r}: expected one of {sorted(DTYPES)}")
