@@ -124,6 +124,7 @@ REDACTED = "***"
 SECRET_WORDS = ("secret", "password", "passwd", "token", "accesskey", "credential", "signature", "apikey")
 _URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
 _URL_TAIL = ".,;:)]}"  # punctuation that ends a sentence, not the URL
+_ASSIGNMENT_RE = re.compile(r"(?<![\w.\-])([A-Za-z_][\w.\-]*)=([^\s&,;#'\"\])}]+)")
 
 
 def is_secret_name(name: str) -> bool:
@@ -154,16 +155,22 @@ def redact_url(url: str) -> str:
 
 
 def redact_text(text: str) -> str:
-    """``text`` with every URL in it passed through `redact_url` (a log line, an error message)."""
-    if "://" not in text:
-        return text
+    """``text`` (a log line, an error message) with every URL in it passed through `redact_url`
+    and the value of every ``name=value`` whose name is secret (a Hydra override
+    ``storage.s3.secret_access_key=...``) replaced by ``***``."""
 
-    def one(m: re.Match) -> str:
-        url = m.group(0)
-        cut = len(url.rstrip(_URL_TAIL))
-        return redact_url(url[:cut]) + url[cut:]
+    def url(m: re.Match) -> str:
+        found = m.group(0)
+        cut = len(found.rstrip(_URL_TAIL))
+        return redact_url(found[:cut]) + found[cut:]
 
-    return _URL_RE.sub(one, text)
+    def assignment(m: re.Match) -> str:
+        flag = m.group(2).lower() in ("true", "false", "none", "null")  # model.zero_token_no_grad=true
+        return f"{m.group(1)}={REDACTED}" if is_secret_name(m.group(1)) and not flag else m.group(0)
+
+    if "://" in text:
+        text = _URL_RE.sub(url, text)
+    return _ASSIGNMENT_RE.sub(assignment, text) if "=" in text else text
 
 
 def redact(obj, key: str = ""):

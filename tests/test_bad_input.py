@@ -159,6 +159,7 @@ class Case:
     setup: Optional[Callable[[Path], None]] = None  # breaks the project before the run
     absent: Tuple[str, ...] = ()  # paths (relative to the project) that must not exist after the run
     fault: Optional[Fault] = None  # a signal sent from inside the stage
+    hidden: Tuple[str, ...] = ()  # strings stderr must not hold (a secret given with the bad input)
     skip: str = ""  # a reason to skip the row on this machine
 
 
@@ -191,6 +192,10 @@ CASES = [
          ("Could not override 'foo.bar'", "To append to your config use +foo.bar=1"), absent=("metrics/validate.json",)),
     Case("unknown key added with +", ("validate", "+foo.bar=1"), 2, ("'foo'", "not in 'Config'"),
          absent=("metrics/validate.json",)),
+    Case("bad value beside a secret override", ("validate", "storage.s3.secret_access_key=FakeSecret0H20A",
+                                                "train.iterations=-1"), 2,
+         ("train.iterations", "storage.s3.secret_access_key=***"), absent=("metrics/validate.json",),
+         hidden=("FakeSecret0H20A",)),
     # item 5: a stopped stage says so in one line and exits 128 + the signal
     Case("embed SIGINT", ("embed",), 130, ("stopped by SIGINT", "1 of 3 images of train", "run it again"),
          set_params(**NEW_EMBED), fault=Fault("sum.model.embeddings:atomic_torch_save", signal.SIGINT)),
@@ -223,6 +228,7 @@ def test_bad_input_is_one_line_and_leaves_no_output(case, project, monkeypatch, 
     assert lines[0].startswith(f"sumseg {case.argv[0]}: "), lines[0]
     missing = [name for name in case.names if name not in lines[0]]
     assert not missing, f"{lines[0]!r} does not name {missing}"
+    assert not [s for s in case.hidden if s in err], err
     written = [p for p in case.absent if (project / p).exists()]
     assert not written, f"written under a final name: {written}"
     temporaries = [str(p.relative_to(project)) for p in project.rglob("*") if p.name.endswith(".tmp") or ".tmp-" in p.name]

@@ -112,6 +112,8 @@ def test_redact_the_secret_rule():
         "api_token": "", "password": None,
     }
     assert redact("see https://tok@h/x?a=1, or (http://h/y?sig=2).") == "see https://***@h/x?a=1, or (http://h/y?sig=***)."
+    assert redact("overrides ['+storage.s3.secret_access_key=k1', 'train.lr=1', 'model.zero_token_no_grad=true']") == (
+        "overrides ['+storage.s3.secret_access_key=***', 'train.lr=1', 'model.zero_token_no_grad=true']")
     assert redact(S3Options(access_key_id="AKIA1", region="eu"))["access_key_id"] == "***"
 
 
