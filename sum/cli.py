@@ -78,7 +78,7 @@ def cmd_finetune(cfg: Config, args: argparse.Namespace) -> None:
 def cmd_validate(cfg: Config, args: argparse.Namespace) -> None:
     from sum.data.validate import validate_config
 
-    validate_config(cfg.data, out=args.out or "metrics/validate.json")
+    validate_config(cfg.data, out=args.out or "metrics/validate.json", skip_list=cfg.data.validate.skip_list)
 
 
 def cmd_pull(cfg: Config, args: argparse.Namespace) -> None:
