@@ -11,8 +11,9 @@ embedding. The ``embed`` stage writes it once per image:
   bf16 autocast (`sum.model.fast`), whose 8-bit mantissa is coarser than float16's 11 bits over
   the range of SAM embeddings (|x| << 65504), so float16 storage adds rounding well below what
   the encoder itself carries. `SumPredictor.load_embedding` reads these files as they are.
-- ``<out_dir>/<dataset>/index.json``: the image ids, their files and sizes, the dtype and the
-  encoder fingerprint (`sum.model.predictor.encoder_fingerprint`).
+- ``<out_dir>/<dataset>/index.json``: the image ids, their files (with each file's size and
+  sha256) and image sizes, the dtype and the encoder fingerprint
+  (`sum.model.predictor.encoder_fingerprint`).
 
 `EmbeddingCache.load` casts back to fp32 and refuses, naming the file, an embedding that is
 missing, of another size or made by another encoder. `embed_datasets` resumes: images whose file
@@ -33,8 +34,9 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from sum.data.dataset import build_dataset, select_datasets
+from sum.data.dataset import select_datasets
 from sum.data.formats import read_image
+from sum.data.skipped import open_dataset
 from sum.io import S3Options, atomic_torch_save, atomic_write_text, check_format, sha256_file
 from sum.model.checkpoint import load_model
 from sum.model.predictor import EMBEDDING_FORMAT, ImageEmbedding, SumPredictor, read_embedding_record
@@ -99,7 +101,9 @@ def embed_datasets(
     """Encode every image of every dataset once and store its embedding (module docstring).
 
     Images already embedded by the same encoder (fingerprint), in the same dtype, from the same
-    image file (sha256 of its bytes) are skipped, so a killed run resumes where it stopped. Files of images no longer in a
+    image file (sha256 of its bytes) are skipped, so a killed run resumes where it stopped; an
+    indexed embedding is trusted only when its file still has the size and sha256 the index
+    lists, else it is encoded again (a truncated or replaced file). Files of images no longer in a
     dataset, and temporaries of a killed run, are removed.
 
     Arguments:
@@ -147,11 +151,13 @@ def embed_datasets(
                 raise FileNotFoundError(f"{image_path}: image {image_id!r} of dataset {name!r} not found")
             digest = sha256_file(image_path)
             entry = old_images.get(image_id)
-            if entry and entry.get("image_sha256") == digest and path.is_file():
+            if entry and entry.get("image_sha256") == digest and "sha256" in entry and _file_matches(path, entry):
                 images[image_id] = entry  # the index is written only after its files
-            elif entry is None and _is_current(path, fingerprint, torch_dtype, digest):
-                images[image_id] = _entry(path, read_embedding_record(path))  # written before a kill, not yet indexed
+            elif (entry is None or "sha256" not in entry) and _is_current(path, fingerprint, torch_dtype, digest):
+                images[image_id] = _entry(path, read_embedding_record(path))  # not yet indexed, or by an older index
             else:
+                if entry and entry.get("image_sha256") == digest:
+                    log.warning("%s: not the file %s lists (size or sha256 differ): encoded again", path, index_path)
                 images[image_id] = _encode(predictor, image_path, path, torch_dtype, img_size, fingerprint, digest)
                 encoded += 1
             bar.update(1)
@@ -192,12 +198,21 @@ def _encode(
 
 
 def _entry(path: Path, record: dict) -> dict:
+    """The index entry of the embedding file ``path`` holding ``record``: with the file's size and
+    sha256, which a resumed run checks before it trusts the file (`_file_matches`)."""
     return {
         "file": path.name,
         "original_size": [int(s) for s in record["original_size"]],
         "input_size": [int(s) for s in record["input_size"]],
         "image_sha256": record["image_sha256"],
+        "size": path.stat().st_size,
+        "sha256": sha256_file(path),
     }
+
+
+def _file_matches(path: Path, entry: dict) -> bool:
+    """Whether ``path`` is the file its index ``entry`` lists: same size (cheap, first), same sha256."""
+    return path.is_file() and path.stat().st_size == entry.get("size") and sha256_file(path) == entry.get("sha256")
 
 
 class EmbeddingCache:
@@ -258,6 +273,8 @@ class EmbeddingCache:
         entry = index["images"].get(str(image_id))
         if entry is None or not path.is_file():
             raise FileNotFoundError(f"{path}: no embedding of image {image_id!r} of dataset {dataset!r} (run `sumseg embed`)")
+        if "size" in entry and path.stat().st_size != entry["size"]:
+            raise ValueError(f"{path}: {path.stat().st_size} bytes, its index lists {entry['size']} (run `sumseg embed` to repair it)")
         record = read_embedding_record(path)
         expected = fingerprint or self.fingerprint
         if record.get("fingerprint") != index.get("fingerprint") or (expected and record.get("fingerprint") != expected):
@@ -286,7 +303,7 @@ def run_embed(cfg) -> Dict[str, dict]:
     names = select_datasets(cfg.data.datasets, cfg.embed.datasets, "embed.datasets")
     torch.manual_seed(0)  # a randomly initialised model (no checkpoint) is the same in every stage
     model = load_model(cfg.model, s3=S3Options.from_config(cfg.storage.s3))
-    datasets = {n: build_dataset(cfg.data.datasets[n], n) for n in names}
+    datasets = {n: open_dataset(cfg.data, n) for n in names}
     return embed_datasets(model, datasets, cfg.embed.out_dir, cfg.embed.dtype)
 
 
