@@ -24,7 +24,7 @@ from pathlib import Path
 from sum.data.dataset import build_dataset
 from sum.data.sample import Problem, SegDataset
 from sum.data.skipped import UNREADABLE, skip_entry, without_problems, write_skip_list
-from sum.io import atomic_write_text
+from sum.io import atomic_write_text, remove_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,8 @@ def validate_config(
     """Validate every dataset of ``data_cfg.datasets`` (a `DataConfig`); write one metrics JSON
     and the skip list the other stages read (`sum.data.skipped`).
 
-    Both files are removed first, so that a run that stops (an error, a kill) leaves neither
-    behind from an earlier run: an old report of 0 problems, or an old list, never stands for
+    Both files (and temporaries of a killed run) are removed first, so that a run that stops (an
+    error, a kill) leaves neither behind from an earlier run: an old report of 0 problems, or an old list, never stands for
     data that failed. The JSON holds totals and, under ``datasets``, each report's `to_dict`; it is
     written before fail mode raises (a dataset that cannot be opened counts as a problem), so that
     the counts of a failing run can be read. The skip list (`sum.data.skipped.write_skip_list`) is
@@ -181,6 +181,7 @@ def validate_config(
     for stale in (out, skip_list):
         if stale is not None:
             Path(stale).unlink(missing_ok=True)
+            remove_temporaries(stale)  # of a killed run
     reports: dict[str, ValidationReport] = {}
     entries: dict[str, dict] = {}
     for name, dcfg in data_cfg.datasets.items():
