@@ -62,7 +62,7 @@ from sum.eval import report
 from sum.eval.loop import EncoderEmbeddings, evaluate_benchmarks, summarise
 from sum.eval.protocol import check_eval_config, decoder_autocast
 from sum.eval.scoring import check_checkpoints, load_eval_models
-from sum.io import S3Options, md5_file
+from sum.io import S3Options, md5_file, remove_temporaries
 from sum.model.checkpoint import resolve_device
 from sum.tracking import EVAL_MD5_TAG, NullTracker, flatten, start_run
 
@@ -101,6 +101,8 @@ def run_evaluate(cfg) -> Dict:
 def _run_evaluate(cfg, names: List[str]) -> Dict:
     ev = cfg.eval
     t_start = time.perf_counter()
+    for path in (ev.metrics, ev.plots_dir, ev.out_dir):
+        remove_temporaries(path)  # of a killed run, so that the outputs are this run's alone
     autocast_ctx = decoder_autocast(ev.precision, resolve_device(cfg.model.device))
     timings: Dict[str, float] = {}
 

@@ -273,8 +273,6 @@ class EmbeddingCache:
         entry = index["images"].get(str(image_id))
         if entry is None or not path.is_file():
             raise FileNotFoundError(f"{path}: no embedding of image {image_id!r} of dataset {dataset!r} (run `sumseg embed`)")
-        if "size" in entry and path.stat().st_size != entry["size"]:
-            raise ValueError(f"{path}: {path.stat().st_size} bytes, its index lists {entry['size']} (run `sumseg embed` to repair it)")
         record = read_embedding_record(path)
         expected = fingerprint or self.fingerprint
         if record.get("fingerprint") != index.get("fingerprint") or (expected and record.get("fingerprint") != expected):
@@ -285,6 +283,8 @@ class EmbeddingCache:
         if size != tuple(entry["original_size"]) or (original_size is not None and size != tuple(original_size)):
             want = tuple(original_size) if original_size is not None else tuple(entry["original_size"])
             raise ValueError(f"{path}: embedding of a {size[0]}x{size[1]} image, expected {want[0]}x{want[1]}")
+        if "size" in entry and path.stat().st_size != entry["size"]:
+            raise ValueError(f"{path}: {path.stat().st_size} bytes, its index lists {entry['size']} (run `sumseg embed` to repair it)")
         return ImageEmbedding(
             features=record["features"].to(torch.float32),
             original_size=size,

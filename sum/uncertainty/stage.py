@@ -16,7 +16,7 @@ import torch
 from sum.config import UncertaintyConfig
 from sum.data.dataset import select_datasets
 from sum.data.skipped import open_dataset
-from sum.io import S3Options
+from sum.io import S3Options, remove_temporaries
 from sum.model.checkpoint import load_model
 from sum.model.embeddings import EmbeddingSource
 from sum.model.predictor import SumPredictor
@@ -74,6 +74,7 @@ def compute_uncertainty(
         shards = list_shards(pseudo_dir, name)
         if not shards:
             raise FileNotFoundError(f"{Path(pseudo_dir) / name}: no pseudo-label shards (run `sumseg pseudolabel`)")
+        remove_temporaries(Path(cfg.out_dir) / name)  # of a killed run: every shard is written again
         mean_u, frac = [], []
         for shard in shards:
             doc, logits = read_shard(pseudo_dir, name, shard)
