@@ -386,3 +386,64 @@ def test_photos_killed_then_resumed_equals_uninterrupted(tmp_path):
     for name in PHOTOS:
         Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(raw / name)
     kill_and_resume(tmp_path, "sum.data.photos:build_photo_pool", (raw, tmp_path / "photos"), [tmp_path / "photos"], n=2)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """The tiny model's world: an unlabeled set of 3 images (hidden GT beside it) and a benchmark of
+    2, their embeddings, pseudo labels in 3 shards and an untrained refinement module; the config."""
+    from sum.config import PseudoConfig
+    from sum.data.synthetic import generate_set
+    from sum.model.build import build_sum_model
+    from sum.pseudo.run import pseudolabel
+    from sum.uncertainty.refiner import RefinementModule, save_refiner
+
+    root = tmp_path_factory.mktemp("pool")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    datasets = {}
+    for name, task, role, seed in (("pool", "unspecified", "unlabeled", 3), ("bench", "part", "benchmark", 4)):
+        folder = generate_set(root / "world", name, WorldSetConfig(task=task, role=role, n_images=3 if role == "unlabeled" else 2, seed=seed), image_size=96, workers=1)
+        datasets[name] = DatasetConfig(format="coco", images=str(folder / "images"), annotations=str(folder / "annotations.json"), task=task, role=role)
+    cfg = make_cfg(root, datasets)
+    run_embed(cfg)
+    cfg.pseudo = PseudoConfig(out_dir=str(root / "pseudo"), metrics=str(root / "pseudo.json"), shard_size=1, n_workers=0, points_per_side=4,
+                              pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    pseudolabel(cfg)
+    torch.manual_seed(0)
+    cfg.refine.out = str(save_refiner(RefinementModule.from_sam(build_sum_model(cfg.model)), root / "refiner.ckpt", cfg.model, cfg.refine, {}))
+    u = cfg.uncertainty
+    u.out_dir, u.metrics, u.panel, u.n_panel_images, u.batch_size = str(root / "unc"), str(root / "unc.json"), str(root / "report" / "panel.png"), 2, 64
+    torch.set_num_threads(before)
+    return root, cfg
+
+
+def test_uncertainty_killed_then_resumed_equals_uninterrupted(pool, tmp_path):
+    root, cfg = pool
+    # shard 0's npz and json, then shard 1's npz under its temporary name
+    kill_and_resume(tmp_path, "sum.uncertainty.stage:run_uncertainty", (cfg,), [Path(cfg.uncertainty.out_dir)], n=3)
+
+
+def test_uncertainty_report_killed_then_resumed_equals_uninterrupted(pool, tmp_path):
+    from sum.uncertainty.stage import run_uncertainty
+
+    root, cfg = pool
+    if not Path(cfg.uncertainty.out_dir).is_dir():
+        run_uncertainty(cfg)
+    u = cfg.uncertainty
+    kill_and_resume(tmp_path, "sum.uncertainty.report:run_uncertainty_report", (cfg,), [Path(u.panel).parent, Path(u.metrics)], n=1)
+
+
+def test_evaluate_killed_then_resumed_equals_uninterrupted(pool, tmp_path):
+    root, cfg = pool
+    ev = cfg.eval
+    ev.datasets, ev.bootstrap, ev.n_panels = ["bench"], 20, 1
+
+    def without_timings(rel, data):
+        if not rel.endswith("run.json"):
+            return data
+        return json.dumps({k: v for k, v in json.loads(data).items() if k != "timings_s"}).encode()
+
+    outs = [Path(ev.metrics), Path(ev.plots_dir), Path(ev.out_dir)]
+    written = kill_and_resume(tmp_path, "sum.eval.evaluate:run_evaluate", (cfg,), outs, n=3, ignore=without_timings)
+    assert {"eval/run.json", "eval/per_mask.csv", "eval/table.md"} <= set(written)
