@@ -388,6 +388,12 @@ def test_photos_killed_then_resumed_equals_uninterrupted(tmp_path):
     kill_and_resume(tmp_path, "sum.data.photos:build_photo_pool", (raw, tmp_path / "photos"), [tmp_path / "photos"], n=2)
 
 
+def test_embed_killed_then_resumed_equals_uninterrupted(tmp_path):
+    """(test_embeddings.py resumes a run that stopped; this one is killed mid-write, index unwritten.)"""
+    cfg = make_cfg(tmp_path, {"a": coco_set(tmp_path / "set", n=4)})
+    kill_and_resume(tmp_path, "sum.model.embeddings:run_embed", (cfg,), [Path(cfg.embed.out_dir)], n=2)
+
+
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
     """The tiny model's world: an unlabeled set of 3 images (hidden GT beside it) and a benchmark of
