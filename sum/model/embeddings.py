@@ -150,14 +150,8 @@ def embed_datasets(
             if not Path(image_path).is_file():
                 raise FileNotFoundError(f"{image_path}: image {image_id!r} of dataset {name!r} not found")
             digest = sha256_file(image_path)
-            entry = old_images.get(image_id)
-            if entry and entry.get("image_sha256") == digest and "sha256" in entry and _file_matches(path, entry):
-                images[image_id] = entry  # the index is written only after its files
-            elif (entry is None or "sha256" not in entry) and _is_current(path, fingerprint, torch_dtype, digest):
-                images[image_id] = _entry(path, read_embedding_record(path))  # not yet indexed, or by an older index
-            else:
-                if entry and entry.get("image_sha256") == digest:
-                    log.warning("%s: not the file %s lists (size or sha256 differ): encoded again", path, index_path)
+            images[image_id] = _reusable(path, old_images.get(image_id), digest, fingerprint, torch_dtype, index_path)
+            if images[image_id] is None:
                 images[image_id] = _encode(predictor, image_path, path, torch_dtype, img_size, fingerprint, digest)
                 encoded += 1
             bar.update(1)
@@ -199,7 +193,7 @@ def _encode(
 
 def _entry(path: Path, record: dict) -> dict:
     """The index entry of the embedding file ``path`` holding ``record``: with the file's size and
-    sha256, which a resumed run checks before it trusts the file (`_file_matches`)."""
+    sha256, which a resumed run checks before it trusts the file (`_reusable`)."""
     return {
         "file": path.name,
         "original_size": [int(s) for s in record["original_size"]],
@@ -210,9 +204,19 @@ def _entry(path: Path, record: dict) -> dict:
     }
 
 
-def _file_matches(path: Path, entry: dict) -> bool:
-    """Whether ``path`` is the file its index ``entry`` lists: same size (cheap, first), same sha256."""
-    return path.is_file() and path.stat().st_size == entry.get("size") and sha256_file(path) == entry.get("sha256")
+def _reusable(path: Path, entry: Optional[dict], digest: str, fingerprint: str, torch_dtype: torch.dtype, index_path: Path) -> Optional[dict]:
+    """The index entry of the embedding at ``path`` when a resumed run may keep it, else None: an
+    indexed file of this image that still has the size and sha256 its ``entry`` lists (the index
+    is written only after its files), or a readable embedding of this encoder, dtype and image
+    that no entry with a sha256 lists (written before a kill, or indexed by an older version)."""
+    if entry and entry.get("image_sha256") == digest and "sha256" in entry:
+        if path.is_file() and path.stat().st_size == entry.get("size") and sha256_file(path) == entry["sha256"]:
+            return entry  # the size first: cheap
+        log.warning("%s: not the file %s lists (size or sha256 differ): encoded again", path, index_path)
+        return None
+    if (entry is None or "sha256" not in entry) and _is_current(path, fingerprint, torch_dtype, digest):
+        return _entry(path, read_embedding_record(path))
+    return None
 
 
 class EmbeddingCache:
