@@ -161,8 +161,8 @@ def validate_config(
     and the skip list the other stages read (`sum.data.skipped`).
 
     Both files (and temporaries of a killed run) are removed first, so that a run that stops (an
-    error, a kill) leaves neither behind from an earlier run: an old report of 0 problems, or an old list, never stands for
-    data that failed. The JSON holds totals and, under ``datasets``, each report's `to_dict`; it is
+    error, a kill) leaves neither behind from an earlier run: an old report of 0 problems, or an
+    old list, never stands for data that failed. The JSON holds totals and, under ``datasets``, each report's `to_dict`; it is
     written before fail mode raises (a dataset that cannot be opened counts as a problem), so that
     the counts of a failing run can be read. The skip list (`sum.data.skipped.write_skip_list`) is
     written only when validation passes: in skip mode it names every sample and annotation the
@@ -214,7 +214,7 @@ def _validate_one(name: str, dcfg) -> tuple[ValidationReport, dict]:
         ds = build_dataset(dcfg, name=name)
     except (ValueError, FileNotFoundError) as e:
         problem = Problem(dcfg.annotations, UNREADABLE, str(e))
-        log.warning("dataset %s: skipped: %s", name, e)
+        log.warning("dataset %s: cannot be read: %s", name, e)
         return ValidationReport(name, dcfg.annotations, problems=[problem]), skip_entry(None, [problem], dcfg.annotations)
     report = _scan(ds)
     log.info("dataset %s: %d images, %d masks, %d problems", name, report.n_images, report.n_masks, len(report.problems))
