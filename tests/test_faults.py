@@ -257,6 +257,58 @@ def test_a_corrupt_train_state_is_named_and_set_aside(tmp_path, caplog):
     assert len(lines) == 1 and lines[0].startswith(f"{path}: unreadable training state") and aside[0].name in lines[0]
 
 
+# ---- the same faults through the CLI: exit code, one line naming the file, no final output ------
+# (bad-input style rows; tests/test_bad_input.py holds the matrix of issue 20's other items)
+
+
+def sumseg(root: Path, cfg, argv, capsys, monkeypatch) -> tuple:
+    """``sumseg <argv>`` (`sum.cli.main`, in this process) in ``root`` with ``cfg`` as its
+    params.yaml: (exit code, stderr lines)."""
+    from sum.cli import main
+    from sum.config import to_yaml
+
+    (root / "params.yaml").write_text(to_yaml(cfg))
+    monkeypatch.chdir(root)
+    capsys.readouterr()
+    code = main(list(argv))
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_cli_demo_on_an_empty_mask_names_the_file(tmp_path, capsys, monkeypatch):
+    data = coco_set(tmp_path / "set", n=2, empty=(1,))
+    cfg = make_cfg(tmp_path, {"bench": DatasetConfig(**{**data.__dict__, "role": "benchmark"})})
+    code, err = sumseg(tmp_path, cfg, ["demo"], capsys, monkeypatch)
+    assert code == 2 and len(err) == 1 and f"{Path(data.images) / '1.png'}: annotation 11: mask is empty" in err[0]
+    assert not Path(cfg.eval.demo.metrics).exists() and not (Path(cfg.eval.demo.out_dir) / "panel.png").exists()
+
+
+@pytest.mark.parametrize("skip_list", ["missing", "stale"])
+def test_cli_skip_mode_without_its_skip_list_names_the_list(tmp_path, capsys, monkeypatch, skip_list):
+    data = coco_set(tmp_path / "set", n=3)
+    cfg = make_cfg(tmp_path, {"a": data}, mode="skip")
+    if skip_list == "stale":
+        validate(cfg, tmp_path)
+        coco_set(tmp_path / "set", n=2)  # the data changed after validation
+    code, err = sumseg(tmp_path, cfg, ["embed"], capsys, monkeypatch)
+    assert code == 2 and len(err) == 1 and f"{cfg.data.validate.skip_list}: " in err[0], err
+    assert not (Path(cfg.embed.out_dir) / "a" / INDEX_NAME).exists()
+
+
+def test_cli_finetune_sets_a_corrupt_train_state_aside_and_starts_fresh(tmp_path, capsys, monkeypatch, caplog):
+    data = coco_set(tmp_path / "set", n=2)
+    cfg = make_cfg(tmp_path, {"hq": DatasetConfig(**{**data.__dict__, "role": "labeled"})})
+    run_embed(cfg)
+    state = Path(cfg.train.run_dir) / "hq_only" / "train_state.pt"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"\x80\x02 not a zip")
+    with caplog.at_level(logging.WARNING, logger="sum.train.state"):
+        code, err = sumseg(tmp_path, cfg, ["finetune", "--method", "hq_only"], capsys, monkeypatch)
+    aside = list(state.parent.glob("train_state.pt.corrupt-*"))
+    assert code == 0 and len(aside) == 1 and (Path(cfg.train.model_dir) / "hq_only.pt").is_file()
+    lines = [r.getMessage() for r in caplog.records if r.name == "sum.train.state" and r.levelno == logging.WARNING]
+    assert len(lines) == 1 and lines[0].startswith(f"{state}: unreadable training state") and aside[0].name in lines[0]
+
+
 # ---- kill and resume ---------------------------------------------------------------------------
 
 # Runs ``module:function(*args)`` with `sum.io.atomic_path` patched to SIGKILL the process once its
