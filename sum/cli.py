@@ -97,7 +97,7 @@ def cmd_finetune(cfg: Config, args: argparse.Namespace) -> None:
 def cmd_validate(cfg: Config, args: argparse.Namespace) -> None:
     from sum.data.validate import validate_config
 
-    validate_config(cfg.data, out=args.out or "metrics/validate.json")
+    validate_config(cfg.data, out=args.out or "metrics/validate.json", skip_list=cfg.data.validate.skip_list)
 
 
 def cmd_pull(cfg: Config, args: argparse.Namespace) -> None:
@@ -122,7 +122,7 @@ def cmd_export_sam(cfg: Config, args: argparse.Namespace) -> None:
 # imported when the stage runs: importing them all (torch, MLflow) would cost every command seconds.
 CONFIG_STAGES = {
     "world": "sum.data.synthetic:run_world",
-    "embed": "sum.model.embeddings:run_embed",
+    "embed": "sum.model.embed:run_embed",
     "pseudolabel": "sum.pseudo.run:pseudolabel",
     "refine": "sum.uncertainty.refine:run_refine",
     "uncertainty": "sum.uncertainty.stage:run_uncertainty",

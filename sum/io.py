@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import http.client
 import io
@@ -94,6 +95,40 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+# the names `atomic_path` gives its temporaries: ".<name>.<8 mkstemp characters>.tmp"
+TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_temporaries(path: str | os.PathLike) -> None:
+    """Remove what `atomic_path` left when its writer was killed (``.<name>.XXXXXXXX.tmp``): for a
+    folder ``path``, every such temporary under it; else the temporaries of the file ``path``
+    beside it. A stage calls it on its outputs before writing, so that a run after a killed one
+    leaves exactly what an uninterrupted run leaves."""
+    path = Path(path)
+    if path.is_dir():
+        found = [p for p in path.rglob(".*.tmp") if TEMP_NAME.match(p.name)]
+    elif path.parent.is_dir():
+        found = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp") if TEMP_NAME.match(p.name)]
+    else:
+        found = []
+    for p in found:
+        if p.is_file():
+            log.info("%s: removing the temporary file of an interrupted run", p)
+            p.unlink(missing_ok=True)
+
+
+def remove_stale_dirs(folder: str | os.PathLike, pattern: str) -> None:
+    """Remove the folders matching ``pattern`` (a glob) in ``folder``: the half-built folders of a
+    killed run, which a stage builds beside their final name and renames into place when whole."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.glob(pattern):
+        if p.is_dir() and not p.is_symlink():
+            log.info("%s: removing the folder of an interrupted run", p)
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -40,8 +41,9 @@ from omegaconf import OmegaConf
 
 import sum.config as sc
 from sum.cli import main
+from sum.data.skipped import write_skip_list
 from sum.data.synthetic import generate_set
-from sum.model.embeddings import run_embed
+from sum.model.embed import run_embed
 
 from conftest import model_config
 
@@ -88,6 +90,38 @@ def set_params(**dotted: Any) -> Callable[[Path], None]:
         OmegaConf.save(raw, root / "params.yaml")
 
     return setup
+
+
+def chain(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
+    """Setups run one after the other."""
+
+    def setup(root: Path) -> None:
+        for step in setups:
+            step(root)
+
+    return setup
+
+
+def write_skip_list_of(n_images: Optional[int]) -> Callable[[Path], None]:
+    """A setup writing a skip list with no problems whose datasets have ``n_images`` images
+    (None: a list of no dataset), as validate would write it for another version of the data."""
+
+    def setup(root: Path) -> None:
+        entries = {} if n_images is None else {n: {"source": "", "n_images": n_images, "problems": []}
+                                               for n in ("train", "pool", "bench")}
+        write_skip_list(root / "data/skip_list.json", entries)
+
+    return setup
+
+
+def empty_first_mask(root: Path) -> None:
+    """A setup emptying the world set's first annotation (an all-zero RLE of its image's size)."""
+    path = root / "data/world/annotations.json"
+    doc = json.loads(path.read_text())
+    ann = doc["annotations"][0]
+    image = next(im for im in doc["images"] if im["id"] == ann["image_id"])
+    ann["segmentation"] = {"size": [image["height"], image["width"]], "counts": [image["height"] * image["width"]]}
+    path.write_text(json.dumps(doc))
 
 
 @pytest.fixture(autouse=True)
@@ -196,11 +230,22 @@ CASES = [
                                                 "train.iterations=-1"), 2,
          ("train.iterations", "storage.s3.secret_access_key=***"), absent=("metrics/validate.json",),
          hidden=("FakeSecret0H20A",)),
+    # items 2, 3: skip mode reads validate's one skip list; demo names an empty mask's file
+    Case("skip mode without a skip list", ("embed",), 2, ("data/skip_list.json", "no skip list"),
+         set_params(**NEW_EMBED, **{"data.validate.mode": "skip"}), ("data/embeddings_new",)),
+    Case("skip list of another version of the data", ("embed",), 2, ("data/skip_list.json", "'train'", "re-run"),
+         chain(set_params(**NEW_EMBED, **{"data.validate.mode": "skip"}), write_skip_list_of(n_images=2)),
+         ("data/embeddings_new",)),
+    Case("skip list without the dataset", ("embed",), 2, ("data/skip_list.json", "no entry for dataset 'train'"),
+         chain(set_params(**NEW_EMBED, **{"data.validate.mode": "skip"}), write_skip_list_of(n_images=None)),
+         ("data/embeddings_new",)),
+    Case("demo on an empty mask", ("demo",), 2, ("data/world/images/", "annotation", "mask is empty"),
+         empty_first_mask, ("metrics/demo.json", "outputs/demo/panel.png")),
     # item 5: a stopped stage says so in one line and exits 128 + the signal
     Case("embed SIGINT", ("embed",), 130, ("stopped by SIGINT", "1 of 3 images of train", "run it again"),
-         set_params(**NEW_EMBED), fault=Fault("sum.model.embeddings:atomic_torch_save", signal.SIGINT)),
+         set_params(**NEW_EMBED), fault=Fault("sum.model.embed:atomic_torch_save", signal.SIGINT)),
     Case("embed SIGTERM", ("embed",), 143, ("stopped by SIGTERM", "2 of 3 images of train"),
-         set_params(**NEW_EMBED), fault=Fault("sum.model.embeddings:atomic_torch_save", signal.SIGTERM, n=2)),
+         set_params(**NEW_EMBED), fault=Fault("sum.model.embed:atomic_torch_save", signal.SIGTERM, n=2)),
     Case("pseudolabel SIGINT", ("pseudolabel",), 130, ("stopped by SIGINT", "shards are kept"),
          absent=("metrics/pseudolabel.json",), fault=Fault("sum.pseudo.cluster:run_shard", signal.SIGINT)),
     Case("pseudolabel SIGTERM", ("pseudolabel",), 143, ("stopped by SIGTERM", "shards are kept"),
@@ -253,8 +298,6 @@ def test_the_matrix_covers_every_stop_and_both_exit_codes():
 def big_pool(base, tmp_path_factory):
     """`base` with a 240-image unlabeled pool (hard links of the world set's images, one COCO
     file) and its embeddings: enough work that a signal arrives while the stage runs."""
-    import json
-
     root = tmp_path_factory.mktemp("big_pool") / "project"
     shutil.copytree(base, root)
     world = json.loads((root / "data/world/annotations.json").read_text())

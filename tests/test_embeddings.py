@@ -14,7 +14,8 @@ from sum.data.formats import read_image
 from sum.data.image_files import write_image
 from sum.data.synthetic import generate_set
 from sum.model.checkpoint import load_model
-from sum.model.embeddings import EmbeddingCache, EmbeddingSource, embed_datasets, embedding_file
+from sum.model.embed import embed_datasets
+from sum.model.embeddings import EmbeddingCache, EmbeddingSource, embedding_file
 from sum.model.predictor import SumPredictor, encoder_fingerprint
 
 

@@ -111,7 +111,7 @@ def perturbed_checkpoint(path: Path, method: str, part: str, seed: int, method_c
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from sum.data.synthetic import generate_set
-    from sum.model.embeddings import run_embed
+    from sum.model.embed import run_embed
 
     root = tmp_path_factory.mktemp("evaluate")
     data = {}

@@ -23,7 +23,7 @@ from sum.data.image_files import write_image
 from sum.data.synthetic import generate_set
 from sum.model.checkpoint import load_model
 from sum.model.lowres import upsample_low_res
-from sum.model.embeddings import run_embed
+from sum.model.embed import run_embed
 from sum.pseudo.run import pseudolabel
 from sum.pseudo.dataset import PseudoLabelDataset, _input_size
 from sum.pseudo.store import (

@@ -111,6 +111,7 @@ class PhotosConfig:
 @dataclass
 class ValidateConfig:
     mode: str = "fail"  # fail (fail fast) | skip (drop bad samples and report them)
+    skip_list: str = "data/skip_list.json"  # what validate left out; every stage skips it in skip mode
 
 
 @dataclass

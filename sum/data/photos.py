@@ -7,6 +7,7 @@ pseudo-labeling stage reads them through the same path as the procedural unlabel
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 from sum.data.coco import write_coco
 from sum.data.formats import read_image
 from sum.data.image_files import write_image
+from sum.io import remove_stale_dirs
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ def build_photo_pool(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, pac
     if missing:
         raise FileNotFoundError(f"{raw_dir / missing[0]}: photo not acquired (run `sumseg acquire`)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_dirs(out_dir.parent, f"{glob.escape(out_dir.name)}.tmp-*")  # half-built by a killed run
     tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         images = []

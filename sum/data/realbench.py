@@ -22,6 +22,7 @@ trained on, so they are evaluated like the paper's extra zero-shot sets with "un
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -42,6 +43,7 @@ from sum.data.realbench_convert import (
     convert_solaris,
     convert_stardist,
 )
+from sum.io import remove_stale_dirs
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +141,14 @@ def write_benchmark(
     spec: Benchmark,
     min_area: int = 0,
 ) -> Path:
-    """Write one benchmark folder atomically (a temporary folder renamed into place).
+    """Write one benchmark folder atomically (a temporary folder renamed into place; what a
+    killed run left half-built is removed first).
 
     Empty masks and masks below ``min_area`` pixels are dropped (spec §13 A8).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / name
+    remove_stale_dirs(out_dir, f".{glob.escape(name)}.*")  # half-built or half-replaced by a killed run
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
     try:
         (tmp / "images").mkdir()

@@ -100,6 +100,7 @@ class SegDataset:
     name: str = ""
     task: str | int = "unspecified"
     source: str = ""  # the file or folder that names this dataset in error messages
+    skipped: Sequence[Problem] = ()  # the problems whose samples a validated view leaves out
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -185,12 +186,20 @@ class FileListDataset(SegDataset):
 
 
 class DatasetView(SegDataset):
-    """A dataset without some samples and some annotations (what validation in skip mode returns)."""
+    """A dataset without some samples and some annotations (what validation in skip mode returns,
+    `sum.data.skipped.without_problems`); ``skipped`` holds the problems that left them out."""
 
-    def __init__(self, base: SegDataset, keep: Sequence[int], drop_ann_ids: dict[int, set[str]] | None = None):
+    def __init__(
+        self,
+        base: SegDataset,
+        keep: Sequence[int],
+        drop_ann_ids: dict[int, set[str]] | None = None,
+        skipped: Sequence[Problem] = (),
+    ):
         self.base = base
         self.keep = list(keep)
         self.drop = drop_ann_ids or {}
+        self.skipped = list(skipped)
         self.name, self.task, self.source = base.name, base.task, base.source
 
     def __len__(self) -> int:

@@ -23,6 +23,7 @@ every set) are object kinds (``bicycle``), stuff (``sky``) and parts (``bicycle:
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import multiprocessing as mp
@@ -42,7 +43,7 @@ import numpy as np
 from sum.config import ROLES, WorldConfig, WorldSetConfig
 from sum.data.coco import decode_rle, mask_to_annotation, write_coco
 from sum.data.world import STYLES, categories, render_scene
-from sum.io import atomic_write_bytes
+from sum.io import atomic_write_bytes, remove_stale_dirs, remove_temporaries
 from sum.tracking import stage_run
 
 log = logging.getLogger(__name__)
@@ -131,12 +132,15 @@ def generate_set(
     """Write one set of the world (module docstring) and return its folder ``<out_dir>/<name>``.
 
     The set is built in ``<out_dir>/<name>.tmp-XXXX`` and renamed into place when complete, so a
-    folder under the final name is always whole; an older set of that name is replaced.
+    folder under the final name is always whole; an older set of that name is replaced, and what
+    a killed run left half-built is removed first.
     """
     _check(name, set_cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     final = out / name
+    for pattern in (f"{glob.escape(name)}.tmp-*", f".{glob.escape(name)}.old-*"):
+        remove_stale_dirs(out, pattern)  # half-built or half-replaced by a killed run
     tmp = Path(tempfile.mkdtemp(prefix=f"{name}.tmp-", dir=out))
     tmp.chmod(0o755)  # mkdtemp makes it private; the set is meant to be shared
     t0 = time.perf_counter()
@@ -202,6 +206,7 @@ def generate_world(cfg: WorldConfig, workers: int = 2, sheet_path: Optional[Unio
         sheet_path = sheet_path_for(cfg.out_dir)
     paths = {name: generate_set(cfg.out_dir, name, s, cfg.image_size, workers=workers) for name, s in cfg.sets.items()}
     if sheet_path is not None and paths:
+        remove_temporaries(sheet_path)  # of a killed run
         contact_sheet(cfg.out_dir, list(paths), sheet_path)
     return paths
 

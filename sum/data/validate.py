@@ -7,8 +7,9 @@ the task is known, and image and annotation ids are unique.
 
 ``mode="fail"`` raises one `DataValidationError` line naming the first bad file, annotation and
 reason, with the count of further problems. ``mode="skip"`` returns the report with every problem
-and a view of the dataset without the bad samples and annotations. `ValidationReport.to_json`
-writes the counts as a DVC metrics file.
+and a view of the dataset without the bad samples and annotations (`sum.data.skipped`).
+`ValidationReport.to_json` writes the counts as a DVC metrics file; `validate_config` also writes
+the skip list that the other stages read in skip mode.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sum.data.dataset import build_dataset
-from sum.data.sample import DatasetView, Problem, SegDataset
-from sum.io import atomic_write_text
+from sum.data.sample import Problem, SegDataset
+from sum.data.skipped import UNREADABLE, skip_entry, without_problems, write_skip_list
+from sum.io import atomic_write_text, remove_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -129,28 +131,16 @@ def validate_dataset(ds: SegDataset, mode: str = "fail") -> ValidationReport:
 
 
 def _scan(ds: SegDataset) -> ValidationReport:
-    """Every problem of ``ds`` and the view without the bad items."""
+    """Every problem of ``ds`` and the view without the bad items (`without_problems`)."""
     problems = list(ds.dataset_problems())
     n = len(ds)
     ann_ids = []
     for i in range(n):
         problems += ds.problems(i)
         ann_ids.append(ds.annotation_ids(i))
-
-    bad_samples = {p.index for p in problems if p.index is not None and p.ann_id is None}
-    drop: dict[int, set[str]] = defaultdict(set)
-    for p in problems:
-        if p.index is not None and p.ann_id is not None:
-            drop[p.index].add(p.ann_id)
-    unusable = any(p.reason == "unknown_task" for p in problems)
-    keep = []
-    for i in range(n):
-        left = [a for a in ann_ids[i] if a not in drop.get(i, ())]
-        if unusable or i in bad_samples or (ann_ids[i] and not left):
-            continue
-        keep.append(i)
-
-    report = ValidationReport(
+    view = without_problems(ds, problems)
+    keep, drop = (range(n), {}) if view is ds else (view.keep, view.drop)
+    return ValidationReport(
         name=ds.name,
         source=ds.source,
         n_images=n,
@@ -158,16 +148,29 @@ def _scan(ds: SegDataset) -> ValidationReport:
         n_images_kept=len(keep),
         n_masks_kept=sum(len([a for a in ann_ids[i] if a not in drop.get(i, ())]) for i in keep),
         problems=problems,
-        dataset=DatasetView(ds, keep, dict(drop)) if problems else ds,
+        dataset=view,
     )
-    return report
 
 
-def validate_config(data_cfg, out: str | os.PathLike | None = "metrics/validate.json") -> dict[str, ValidationReport]:
-    """Validate every dataset of ``data_cfg.datasets`` (a `DataConfig`) and write one metrics JSON.
+def validate_config(
+    data_cfg,
+    out: str | os.PathLike | None = "metrics/validate.json",
+    skip_list: str | os.PathLike | None = None,
+) -> dict[str, ValidationReport]:
+    """Validate every dataset of ``data_cfg.datasets`` (a `DataConfig`); write one metrics JSON
+    and the skip list the other stages read (`sum.data.skipped`).
 
-    The JSON holds totals and, under ``datasets``, each report's `to_dict`. It is written before
-    fail mode raises, so that the counts of a failing run can be read.
+    Both files (and temporaries of a killed run) are removed first, so that a run that stops (an
+    error, a kill) leaves neither behind from an earlier run: an old report of 0 problems, or an
+    old list, never stands for data that failed. The JSON holds totals and, under ``datasets``, each report's `to_dict`; it is
+    written before fail mode raises (a dataset that cannot be opened counts as a problem), so that
+    the counts of a failing run can be read. The skip list (`sum.data.skipped.write_skip_list`) is
+    written only when validation passes: in skip mode it names every sample and annotation the
+    stages leave out, in fail mode none.
+
+    Arguments:
+      out: the metrics JSON (None: not written).
+      skip_list: the skip list (``data.validate.skip_list``; None: not written).
 
     Raises:
         DataValidationError: in fail mode, naming the first bad file of the first bad dataset.
@@ -175,28 +178,14 @@ def validate_config(data_cfg, out: str | os.PathLike | None = "metrics/validate.
     mode = data_cfg.validate.mode
     if mode not in MODES:
         raise ValueError(f"data.validate.mode {mode!r}: expected one of {list(MODES)}")
+    for stale in (out, skip_list):
+        if stale is not None:
+            Path(stale).unlink(missing_ok=True)
+            remove_temporaries(stale)  # of a killed run
     reports: dict[str, ValidationReport] = {}
+    entries: dict[str, dict] = {}
     for name, dcfg in data_cfg.datasets.items():
-        try:
-            ds = build_dataset(dcfg, name=name)
-        except (ValueError, FileNotFoundError) as e:
-            if mode == "fail":
-                raise DataValidationError(f"dataset {name}: {e}") from None
-            reports[name] = ValidationReport(
-                name, dcfg.annotations, problems=[Problem(dcfg.annotations, "unreadable_dataset", str(e))]
-            )
-            log.warning("dataset %s: skipped: %s", name, e)
-            continue
-        reports[name] = _scan(ds)
-        log.info(
-            "dataset %s: %d images, %d masks, %d problems",
-            name,
-            reports[name].n_images,
-            reports[name].n_masks,
-            len(reports[name].problems),
-        )
-        for p in reports[name].problems:
-            log.warning("dataset %s: %s", name, p)
+        reports[name], entries[name] = _validate_one(name, dcfg)
     if not reports:
         log.warning("no datasets configured under data.datasets: nothing to validate")
     doc = {
@@ -208,7 +197,27 @@ def validate_config(data_cfg, out: str | os.PathLike | None = "metrics/validate.
     if out is not None:
         atomic_write_text(out, json.dumps(doc, indent=2) + "\n")
     if mode == "fail":
-        for r in reports.values():
+        for name, r in reports.items():
+            if r.problems and r.dataset is None:
+                raise DataValidationError(f"dataset {name}: {r.problems[0].detail}")
             if r.problems:
                 raise DataValidationError(r.error_line())
+    if skip_list is not None:
+        write_skip_list(skip_list, entries)
     return reports
+
+
+def _validate_one(name: str, dcfg) -> tuple[ValidationReport, dict]:
+    """The report of one configured dataset and its skip-list entry (`skip_entry`); a dataset
+    that cannot be opened is one ``unreadable_dataset`` problem."""
+    try:
+        ds = build_dataset(dcfg, name=name)
+    except (ValueError, FileNotFoundError) as e:
+        problem = Problem(dcfg.annotations, UNREADABLE, str(e))
+        log.warning("dataset %s: cannot be read: %s", name, e)
+        return ValidationReport(name, dcfg.annotations, problems=[problem]), skip_entry(None, [problem], dcfg.annotations)
+    report = _scan(ds)
+    log.info("dataset %s: %d images, %d masks, %d problems", name, report.n_images, report.n_masks, len(report.problems))
+    for p in report.problems:
+        log.warning("dataset %s: %s", name, p)
+    return report, skip_entry(ds, report.problems)

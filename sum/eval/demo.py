@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from sum.config import Config
-from sum.data.dataset import build_dataset, select_datasets
+from sum.data.dataset import select_datasets
+from sum.data.skipped import open_dataset
 from sum.eval.clicker import first_click
 from sum.data.masks import mask_iou
 from sum.eval.panels import save_panel
@@ -27,19 +28,27 @@ from sum.model.predictor import SumPredictor
 log = logging.getLogger(__name__)
 
 
-def demo_dataset(predictor, dataset, max_images: int, max_masks: int):
+def demo_dataset(predictor, dataset, max_images: int, max_masks: int, skip_empty: bool = False):
     """Run 1-click prediction on the first images of one dataset.
+
+    Arguments:
+      skip_empty: leave out an empty mask (spec §13 A8) with a warning naming it, instead of
+        raising (``data.validate.mode=skip``).
 
     Returns:
         (per-mask records, panel rows): records hold IoU of the predicted-best and oracle outputs.
+
+    Raises:
+        ValueError: naming the image file and annotation of an empty mask, unless ``skip_empty``.
     """
     records, rows = [], []
     for i in range(min(max_images, len(dataset))):
         s = dataset[i]
-        if len(s.masks) == 0:
+        masks_khw = s.masks[_non_empty(s, skip_empty)]
+        if len(masks_khw) == 0:
             continue
-        order = np.argsort([-m.sum() for m in s.masks])[:max_masks]
-        gt_khw = s.masks[order]
+        order = np.argsort([-m.sum() for m in masks_khw])[:max_masks]
+        gt_khw = masks_khw[order]
         clicks = [first_click(m) for m in gt_khw]
         coords_k12 = np.array([[[c.x, c.y]] for c in clicks], dtype=np.float32)
         labels_k1 = np.array([[c.label] for c in clicks], dtype=np.int64)
@@ -54,6 +63,20 @@ def demo_dataset(predictor, dataset, max_images: int, max_masks: int):
             records.append({"image": s.image_id, "iou": float(ious[best[k]]), "oracle_iou": float(max(ious))})
         rows.append((s.image, gt_khw, pred_khw, coords_k12[:, 0]))
     return records, rows
+
+
+def _non_empty(sample, skip_empty: bool) -> np.ndarray:
+    """Indices of the non-empty masks of ``sample``; an empty one raises or is skipped with a warning."""
+    keep = []
+    for k, m in enumerate(sample.masks):
+        if m.any():
+            keep.append(k)
+            continue
+        ann = sample.ann_ids[k] if k < len(sample.ann_ids) else k
+        if not skip_empty:
+            raise ValueError(f"{sample.path}: annotation {ann}: mask is empty (run `sumseg validate`; data.validate.mode=skip leaves it out)")
+        log.warning("%s: annotation %s: mask is empty: skipped", sample.path, ann)
+    return np.asarray(keep, dtype=np.int64)
 
 
 def run_demo(cfg: Config) -> dict:
@@ -73,8 +96,8 @@ def run_demo(cfg: Config) -> dict:
     metrics: dict = {"model": cfg.model.name, "clicks": 1, "datasets": {}}
     rows_by_dataset = {}
     for name in names:
-        ds = build_dataset(cfg.data.datasets[name])
-        records, rows = demo_dataset(predictor, ds, demo.max_images, demo.max_masks)
+        ds = open_dataset(cfg.data, name)
+        records, rows = demo_dataset(predictor, ds, demo.max_images, demo.max_masks, cfg.data.validate.mode == "skip")
         rows_by_dataset[name] = rows
         metrics["datasets"][name] = {
             "n_images": len(rows),

@@ -57,12 +57,12 @@ from typing import Dict, List
 
 import torch
 
-from sum.data.dataset import build_dataset
+from sum.data.skipped import left_out, open_dataset
 from sum.eval import report
 from sum.eval.loop import EncoderEmbeddings, evaluate_benchmarks, summarise
 from sum.eval.protocol import check_eval_config, decoder_autocast
 from sum.eval.scoring import check_checkpoints, load_eval_models
-from sum.io import S3Options, md5_file, redact
+from sum.io import S3Options, md5_file, redact, remove_temporaries
 from sum.model.checkpoint import resolve_device
 from sum.tracking import EVAL_MD5_TAG, NullTracker, flatten, start_run
 
@@ -101,6 +101,8 @@ def run_evaluate(cfg) -> Dict:
 def _run_evaluate(cfg, names: List[str]) -> Dict:
     ev = cfg.eval
     t_start = time.perf_counter()
+    for path in (ev.metrics, ev.plots_dir, ev.out_dir):
+        remove_temporaries(path)  # of a killed run, so that the outputs are this run's alone
     autocast_ctx = decoder_autocast(ev.precision, resolve_device(cfg.model.device))
     timings: Dict[str, float] = {}
 
@@ -109,7 +111,7 @@ def _run_evaluate(cfg, names: List[str]) -> Dict:
     timings["load_models"] = time.perf_counter() - t0
     dataset_task = {n: cfg.data.datasets[n].task for n in names}
     trained_tasks = sorted({d.task for d in cfg.data.datasets.values() if d.role == "labeled"})
-    benchmarks = {n: build_dataset(cfg.data.datasets[n], n) for n in names}
+    benchmarks = {n: CountedBenchmark(open_dataset(cfg.data, n)) for n in names}
     embeddings = EncoderEmbeddings(cfg.embed.out_dir, models)
 
     tracker = NullTracker() if not cfg.tracking.enabled else start_run(
@@ -136,6 +138,7 @@ def _run_evaluate(cfg, names: List[str]) -> Dict:
         t0 = time.perf_counter()
         metrics = report.metrics_json(summary, dataset_task)
         info = _run_info(cfg, models, names, dataset_task, trained_tasks, records, summary, embeddings)
+        _report_left_out(info, benchmarks)
         paths = report.write_outputs(cfg, summary, metrics, records, panels, dataset_task, info)
         timings["outputs"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
@@ -150,6 +153,41 @@ def _run_evaluate(cfg, names: List[str]) -> Dict:
     finally:
         tracker.finish(status)
     return metrics
+
+
+class CountedBenchmark:
+    """A benchmark as the evaluation loop reads it (``len``, indexing), counting the target masks
+    it reads empty: targets are the non-empty masks (spec §13 A8, `select_targets`), and what is
+    left out is reported in ``run.json``, never dropped silently.
+
+    Arguments:
+      dataset: the `SegDataset` (`open_dataset`).
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.empty_masks = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        sample = self.dataset[i]
+        self.empty_masks += int((~sample.masks.any(axis=(1, 2))).sum())  # (K, H, W) -> (K,)
+        return sample
+
+
+def _report_left_out(info: Dict, benchmarks: Dict[str, CountedBenchmark]) -> None:
+    """Per benchmark in ``info["benchmarks"]``: what reading it left out (`left_out`: the images
+    and, by reason, the problems of the skip list, or the annotations of no image) and the empty
+    target masks read (``empty_masks_skipped``); a warning line for each that left anything out."""
+    for name, bench in benchmarks.items():
+        entry = info["benchmarks"][name]
+        entry["left_out"] = left_out(bench.dataset)
+        entry["empty_masks_skipped"] = bench.empty_masks
+        if entry["left_out"]["problems"] or bench.empty_masks:
+            log.warning("evaluate %s (%s): left out %d images and %s; %d empty target masks skipped", name,
+                        bench.dataset.source, entry["left_out"]["images"], entry["left_out"]["problems"], bench.empty_masks)
 
 
 def _run_info(cfg, models, names, dataset_task, trained_tasks, records, summary, embeddings) -> Dict:

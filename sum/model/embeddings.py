@@ -1,23 +1,19 @@
-"""The image-embedding cache: every image is encoded once, later stages read the embedding.
+"""The image-embedding cache and the one place every stage gets an image's embedding.
 
-SUM keeps the image encoder frozen in the embedded default (decoder fine-tuning, spec §7), and
-pseudo-labelling (spec §3.3), uncertainty maps and evaluation all start from the same image
-embedding. The ``embed`` stage writes it once per image:
+SUM keeps the image encoder frozen in the embedded default (decoder fine-tuning, spec §7); the
+``embed`` stage (`sum.model.embed`) encodes every image once and writes:
 
 - ``<out_dir>/<dataset>/<quoted image_id>.pt``: the record `SumPredictor.save_embedding` writes
   (format ``sum-image-embedding/1``: features, original and input size, ``img_size``, encoder
-  fingerprint), with the features stored as float16 by default. That halves the disk (256x64x64
-  is 2 MB instead of 4 MB) at no real cost: on the CPU/GPU fast path the encoder already runs in
-  bf16 autocast (`sum.model.fast`), whose 8-bit mantissa is coarser than float16's 11 bits over
-  the range of SAM embeddings (|x| << 65504), so float16 storage adds rounding well below what
-  the encoder itself carries. `SumPredictor.load_embedding` reads these files as they are.
-- ``<out_dir>/<dataset>/index.json``: the image ids, their files and sizes, the dtype and the
-  encoder fingerprint (`sum.model.predictor.encoder_fingerprint`).
+  fingerprint, the image file's sha256), features stored as float16 by default (README, "Image
+  embeddings", says what that costs).
+- ``<out_dir>/<dataset>/index.json``: the image ids, their files (with each file's size and
+  sha256) and image sizes, the dtype and the encoder fingerprint
+  (`sum.model.predictor.encoder_fingerprint`).
 
 `EmbeddingCache.load` casts back to fp32 and refuses, naming the file, an embedding that is
-missing, of another size or made by another encoder. `embed_datasets` resumes: images whose file
-already holds an embedding from the same encoder and dtype, of the same image bytes (sha256), are
-skipped. Every later stage gets its embeddings from an `EmbeddingSource`: this cache, else the encoder.
+missing, of another size or made by another encoder. Every later stage gets its embeddings from
+an `EmbeddingSource`: this cache, else the encoder.
 """
 
 from __future__ import annotations
@@ -25,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 import urllib.parse
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -33,19 +28,15 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from sum.data.dataset import build_dataset, select_datasets
 from sum.data.formats import read_image
-from sum.io import S3Options, atomic_torch_save, atomic_write_text, check_format, sha256_file
-from sum.model.checkpoint import load_model
-from sum.model.predictor import EMBEDDING_FORMAT, ImageEmbedding, SumPredictor, read_embedding_record
-from sum.progress import StopSignals, progress_bar
+from sum.io import atomic_write_text, check_format
+from sum.model.predictor import ImageEmbedding, SumPredictor, read_embedding_record
 
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "sum-embedding-index/1"
 INDEX_NAME = "index.json"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
-_INDEX_EVERY_S = 30.0  # rewrite the index at least this often, so a killed run resumes cheaply
 
 
 def embedding_file(out_dir: str | os.PathLike, dataset: str, image_id: str) -> Path:
@@ -53,7 +44,8 @@ def embedding_file(out_dir: str | os.PathLike, dataset: str, image_id: str) -> P
     return Path(out_dir) / dataset / f"{urllib.parse.quote(str(image_id), safe='')}.pt"
 
 
-def _read_index(path: Path) -> Optional[dict]:
+def read_index(path: Path) -> Optional[dict]:
+    """The dataset index at ``path`` (None when there is none); ValueError naming it when unreadable."""
     if not path.is_file():
         return None
     try:
@@ -63,7 +55,8 @@ def _read_index(path: Path) -> Optional[dict]:
     return check_format(index, INDEX_FORMAT, path, "a SUM embedding index")
 
 
-def _write_index(path: Path, dataset: str, fingerprint: str, img_size: int, dtype: str, images: dict) -> None:
+def write_index(path: Path, dataset: str, fingerprint: str, img_size: int, dtype: str, images: dict) -> None:
+    """Write a dataset's ``index.json`` atomically (the module docstring lists its fields)."""
     index = {
         "format": INDEX_FORMAT,
         "dataset": dataset,
@@ -73,137 +66,6 @@ def _write_index(path: Path, dataset: str, fingerprint: str, img_size: int, dtyp
         "images": images,
     }
     atomic_write_text(path, json.dumps(index, indent=1) + "\n")
-
-
-def _is_current(path: Path, fingerprint: str, dtype: torch.dtype, image_sha256: str) -> bool:
-    """Whether ``path`` holds a readable embedding of this encoder and dtype, of this image file."""
-    if not path.is_file():
-        return False
-    try:
-        record = read_embedding_record(path)
-    except ValueError:
-        return False
-    return (
-        record.get("fingerprint") == fingerprint
-        and record["features"].dtype == dtype
-        and record.get("image_sha256") == image_sha256
-    )
-
-
-def embed_datasets(
-    model,
-    datasets: Mapping[str, object],
-    out_dir: str | os.PathLike,
-    dtype: str = "float16",
-    stop: Optional[StopSignals] = None,
-) -> Dict[str, dict]:
-    """Encode every image of every dataset once and store its embedding (module docstring).
-
-    Images already embedded by the same encoder (fingerprint), in the same dtype, from the same
-    image file (sha256 of its bytes) are skipped, so a killed run resumes where it stopped. Files of images no longer in a
-    dataset, and temporaries of a killed run, are removed.
-
-    Arguments:
-      model (Sam): the model (weights loaded, fast path as configured); only its encoder runs.
-      datasets: name -> `sum.data.sample.SegDataset` (``image_ids``, ``image_path(i)``).
-      out_dir: the cache folder.
-      dtype (str): "float16" (default) or "float32", the storage dtype of the features.
-      stop: the stage's `StopSignals`: after a signal, the image in flight and the index are written.
-
-    Returns:
-      name -> {"images", "encoded", "skipped", "seconds", "seconds_per_encoded_image"}.
-
-    Raises:
-      ValueError: naming ``dtype`` when unknown, or a dataset with duplicate image ids.
-      FileNotFoundError: naming a missing image file.
-      sum.data.formats.ImageReadError: naming the image file that does not decode.
-      sum.progress.StageStopped: after SIGINT / SIGTERM (``stop``).
-    """
-    if dtype not in DTYPES:
-        raise ValueError(f"embed.dtype={dtype!r}: expected one of {sorted(DTYPES)}")
-    torch_dtype = DTYPES[dtype]
-    predictor = SumPredictor(model)
-    fingerprint = predictor.fingerprint()
-    img_size = int(model.image_encoder.img_size)
-    summary: Dict[str, dict] = {}
-    for name, ds in datasets.items():
-        folder = Path(out_dir) / name
-        folder.mkdir(parents=True, exist_ok=True)
-        index_path = folder / INDEX_NAME
-        ids = list(ds.image_ids)
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"dataset {name!r} ({getattr(ds, 'source', '')}): duplicate image ids, cannot key embeddings")
-        old = _read_index(index_path) or {}
-        old_images = old.get("images", {}) if old.get("fingerprint") == fingerprint and old.get("dtype") == dtype else {}
-        keep = {embedding_file(out_dir, name, i).name for i in ids}
-        for stale in folder.iterdir():
-            if (stale.suffix == ".pt" and stale.name not in keep) or stale.name.endswith(".tmp"):
-                stale.unlink()  # images gone from the dataset, or temporaries of a killed run
-
-        images: dict = {}
-        encoded, t0, last_index = 0, time.perf_counter(), time.perf_counter()
-        bar = progress_bar(len(ids), f"embed {name}", unit="img")
-        for i, image_id in enumerate(ids):
-            path = embedding_file(out_dir, name, image_id)
-            image_path = ds.image_path(i)
-            if not Path(image_path).is_file():
-                raise FileNotFoundError(f"{image_path}: image {image_id!r} of dataset {name!r} not found")
-            digest = sha256_file(image_path)
-            entry = old_images.get(image_id)
-            if entry and entry.get("image_sha256") == digest and path.is_file():
-                images[image_id] = entry  # the index is written only after its files
-            elif entry is None and _is_current(path, fingerprint, torch_dtype, digest):
-                images[image_id] = _entry(path, read_embedding_record(path))  # written before a kill, not yet indexed
-            else:
-                images[image_id] = _encode(predictor, image_path, path, torch_dtype, img_size, fingerprint, digest)
-                encoded += 1
-            bar.update(1)
-            if stop is not None and stop.signum is not None:
-                _write_index(index_path, name, fingerprint, img_size, dtype, images)
-                stop.stop(f"{len(images)} of {len(ids)} images of {name}")
-            if time.perf_counter() - last_index > _INDEX_EVERY_S:
-                _write_index(index_path, name, fingerprint, img_size, dtype, {**images})
-                last_index = time.perf_counter()
-        bar.close()
-        _write_index(index_path, name, fingerprint, img_size, dtype, images)
-        seconds = time.perf_counter() - t0
-        summary[name] = {
-            "images": len(ids),
-            "encoded": encoded,
-            "skipped": len(ids) - encoded,
-            "seconds": round(seconds, 3),
-            "seconds_per_encoded_image": round(seconds / encoded, 4) if encoded else None,
-        }
-        log.info("embed %s: %d images, %d encoded, %d already cached, %.1f s", name, len(ids), encoded, len(ids) - encoded, seconds)
-    return summary
-
-
-def _encode(
-    predictor: SumPredictor, image_path, path: Path, torch_dtype: torch.dtype, img_size: int, fingerprint: str, digest: str
-) -> dict:
-    """Encode one image, write its embedding record to ``path`` and return its index entry."""
-    predictor.set_image(read_image(image_path))
-    emb = predictor.get_embedding()
-    record = {
-        "format": EMBEDDING_FORMAT,
-        "features": emb.features.to("cpu", torch_dtype).contiguous(),
-        "original_size": list(emb.original_size),
-        "input_size": list(emb.input_size),
-        "img_size": img_size,
-        "fingerprint": fingerprint,
-        "image_sha256": digest,
-    }
-    atomic_torch_save(record, path)
-    return _entry(path, record)
-
-
-def _entry(path: Path, record: dict) -> dict:
-    return {
-        "file": path.name,
-        "original_size": [int(s) for s in record["original_size"]],
-        "input_size": [int(s) for s in record["input_size"]],
-        "image_sha256": record["image_sha256"],
-    }
 
 
 class EmbeddingCache:
@@ -228,7 +90,7 @@ class EmbeddingCache:
         """
         if dataset not in self._indexes:
             path = self.out_dir / dataset / INDEX_NAME
-            index = _read_index(path)
+            index = read_index(path)
             if index is None:
                 raise FileNotFoundError(f"{path}: no embedding index for dataset {dataset!r} (run `sumseg embed`)")
             self._indexes[dataset] = index
@@ -274,28 +136,14 @@ class EmbeddingCache:
         if size != tuple(entry["original_size"]) or (original_size is not None and size != tuple(original_size)):
             want = tuple(original_size) if original_size is not None else tuple(entry["original_size"])
             raise ValueError(f"{path}: embedding of a {size[0]}x{size[1]} image, expected {want[0]}x{want[1]}")
+        if "size" in entry and path.stat().st_size != entry["size"]:
+            raise ValueError(f"{path}: {path.stat().st_size} bytes, its index lists {entry['size']} (run `sumseg embed` to repair it)")
         return ImageEmbedding(
             features=record["features"].to(torch.float32),
             original_size=size,
             input_size=tuple(int(s) for s in record["input_size"]),
             fingerprint=record["fingerprint"],
         )
-
-
-def run_embed(cfg) -> Dict[str, dict]:
-    """The ``embed`` stage: `embed_datasets` over ``cfg.embed.datasets`` (empty = every dataset of
-    ``cfg.data.datasets``) with the model of ``cfg.model``, into ``cfg.embed.out_dir``.
-
-    Raises:
-      ValueError: naming unknown dataset names.
-      sum.progress.StageStopped: after SIGINT / SIGTERM, once the image in flight is stored.
-    """
-    names = select_datasets(cfg.data.datasets, cfg.embed.datasets, "embed.datasets")
-    torch.manual_seed(0)  # a randomly initialised model (no checkpoint) is the same in every stage
-    model = load_model(cfg.model, s3=S3Options.from_config(cfg.storage.s3))
-    datasets = {n: build_dataset(cfg.data.datasets[n], n) for n in names}
-    with StopSignals("embed", unit="image") as stop:
-        return embed_datasets(model, datasets, cfg.embed.out_dir, cfg.embed.dtype, stop=stop)
 
 
 class EmbeddingSource:

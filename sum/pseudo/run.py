@@ -36,7 +36,8 @@ import torch
 
 import sum.pseudo.amg as amg
 import sum.pseudo.point_decoder as point_decoder
-from sum.data.dataset import build_dataset, select_datasets
+from sum.data.dataset import select_datasets
+from sum.data.skipped import open_dataset
 from sum.io import S3Options, atomic_write_text
 from sum.model.checkpoint import config_to_dict
 from sum.model.embeddings import INDEX_NAME, EmbeddingSource
@@ -102,7 +103,7 @@ def _plan(cfg, name: str, embeddings: EmbeddingSource) -> Tuple[List[List[Dict[s
     """The shards of one dataset, ``shard_size`` images (id, file name, size, position, from the
     dataset and the embedding index) each, and the dtype the embeddings are stored in."""
     dcfg = cfg.data.datasets[name]
-    ds = build_dataset(dcfg, name)
+    ds = open_dataset(cfg.data, name)
     index = embeddings.index(name)
     index_path = Path(cfg.embed.out_dir) / name / INDEX_NAME
     if index.get("fingerprint") != embeddings.fingerprint:

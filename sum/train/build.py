@@ -12,7 +12,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from sum.data.dataset import build_dataset
+from sum.data.skipped import open_dataset
 from sum.io import S3Options
 from sum.model.checkpoint import load_model
 from sum.model.fast import cpu_has_native_bf16
@@ -53,7 +53,7 @@ def build_pools(cfg, method) -> Dict[str, Pool]:
     """Labeled datasets (role ``labeled``, their task ids) and, when the method uses them, the
     pseudo labels of the unlabeled ones (role ``unlabeled``; u only when the method uses it)."""
     t = cfg.train
-    labeled = [(n, build_dataset(d, n)) for n, d in cfg.data.datasets.items() if d.role == "labeled"]
+    labeled = [(n, open_dataset(cfg.data, n)) for n, d in cfg.data.datasets.items() if d.role == "labeled"]
     unlabeled = []
     if method.use_unlabeled:
         for name, d in cfg.data.datasets.items():

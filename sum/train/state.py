@@ -6,7 +6,9 @@ scheduler, step, loss history, RNG states, the MLflow run id. A later call resum
 automatically, exactly: batches and prompts are functions of the step. A state made under another
 config (anything but the iteration count, checkpoint cadence and paths) or on other inputs (pseudo
 labels, uncertainty maps, embeddings, datasets, checkpoint: their file sizes and times,
-`input_fingerprint`) is not resumed: training starts afresh.
+`input_fingerprint`) is not resumed: training starts afresh. A state file that does not read
+(truncated, corrupt) is moved aside to ``train_state.pt.corrupt-<time>`` with one warning line
+naming both, and training starts afresh.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -149,6 +153,22 @@ def resume_key(cfg, method) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def set_aside(path: Path) -> Path:
+    """Rename ``path`` to ``<path>.corrupt-<UTC time>`` beside it (kept for inspection); returns
+    the new path."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while dest.exists():
+        dest = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        n += 1
+    try:
+        os.replace(path, dest)
+    except FileNotFoundError:  # another rank moved it aside first
+        pass
+    return dest
+
+
 def save_train_state(path: Path, *, sam, optimizer, scheduler, step: int, key: str, history: List[float], run_id) -> None:
     """The resumable state, atomically (module docstring)."""
     state = {
@@ -168,11 +188,19 @@ def save_train_state(path: Path, *, sam, optimizer, scheduler, step: int, key: s
 
 def load_train_state(path: Path, key: str, *, sam, optimizer, scheduler) -> Tuple[int, List[float], Optional[str]]:
     """Resume from ``path`` if it holds a state of this config: (step, loss history, MLflow run id);
-    (0, [], None) otherwise."""
+    (0, [], None) otherwise. A file that does not read as a training state (truncated, corrupt,
+    another format) is moved aside (`set_aside`) and training starts afresh."""
     if not path.is_file():
         return 0, [], None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    check_format(state, STATE_FORMAT, path, "a SUM training state")
+    try:
+        state = check_format(torch.load(path, map_location="cpu", weights_only=True), STATE_FORMAT, path, "a SUM training state")
+    except FileNotFoundError:  # another rank moved it aside first
+        return 0, [], None
+    except Exception as e:  # torch.load raises RuntimeError, pickle and zip errors alike for a bad file
+        moved = set_aside(path)
+        log.warning("%s: unreadable training state (%s): moved to %s; training starts afresh",
+                    path, str(e).splitlines()[0] if str(e) else type(e).__name__, moved.name)
+        return 0, [], None
     if state["key"] != key:
         log.warning("%s: saved under another config or on other inputs; training starts afresh", path)
         return 0, [], None

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from sum.config import RefineConfig
-from sum.data.dataset import build_dataset
+from sum.data.skipped import open_dataset
 from sum.io import S3Options
 from sum.model.checkpoint import load_model
 from sum.model.embeddings import EmbeddingSource
@@ -142,7 +142,7 @@ def run_refine(cfg) -> dict:
     model = load_model(cfg.model, s3=S3Options.from_config(cfg.storage.s3))
     for p in model.parameters():
         p.requires_grad_(False)
-    dataset = build_dataset(cfg.data.datasets[rcfg.dataset], rcfg.dataset)
+    dataset = open_dataset(cfg.data, rcfg.dataset)
     embed_dir = getattr(getattr(cfg, "embed", None), "out_dir", None)
     embeddings = EmbeddingSource(embed_dir, SumPredictor(model))
     with stage_run(cfg.tracking, "refine", params={"refine": rcfg}) as tracker:

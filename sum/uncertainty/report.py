@@ -53,7 +53,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from sum.data.hidden_gt import hidden_gt_masks, hidden_gt_paths, load_hidden_gt
-from sum.io import atomic_write_text
+from sum.io import atomic_write_text, remove_temporaries
 from sum.tracking import stage_run
 from sum.pseudo.coverage import coverage_metrics, coverage_records, pseudo_label_masks
 from sum.pseudo.store import list_shards, read_shard
@@ -125,6 +125,9 @@ def uncertainty_report(
     Returns:
       the metrics dict (also written to ``cfg.metrics``).
     """
+    for path in (cfg.metrics, cfg.panel):
+        if path:
+            remove_temporaries(path)  # of a killed run
     all_records: List[dict] = []
     all_gt: List[dict] = []
     all_labels: List[dict] = []

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from sum.config import UncertaintyConfig
-from sum.data.dataset import build_dataset, select_datasets
-from sum.io import S3Options
+from sum.data.dataset import select_datasets
+from sum.data.skipped import open_dataset
+from sum.io import S3Options, remove_temporaries
 from sum.model.checkpoint import load_model
 from sum.model.embeddings import EmbeddingSource
 from sum.model.predictor import SumPredictor
@@ -73,6 +74,7 @@ def compute_uncertainty(
         shards = list_shards(pseudo_dir, name)
         if not shards:
             raise FileNotFoundError(f"{Path(pseudo_dir) / name}: no pseudo-label shards (run `sumseg pseudolabel`)")
+        remove_temporaries(Path(cfg.out_dir) / name)  # of a killed run: every shard is written again
         mean_u, frac = [], []
         for shard in shards:
             doc, logits = read_shard(pseudo_dir, name, shard)
@@ -104,7 +106,7 @@ def run_uncertainty(cfg) -> Dict[str, dict]:
     torch.manual_seed(0)  # a randomly initialised model (no checkpoint) is the embed stage's
     model = load_model(cfg.model, s3=S3Options.from_config(cfg.storage.s3))
     refiner, _ = load_refiner(cfg.refine.out, device=model.device)
-    datasets = {n: build_dataset(cfg.data.datasets[n], n) for n in names}
+    datasets = {n: open_dataset(cfg.data, n) for n in names}
     embed_dir = getattr(getattr(cfg, "embed", None), "out_dir", None)
     with stage_run(cfg.tracking, "uncertainty", params={"uncertainty": ucfg}) as tracker:
         stats = compute_uncertainty(refiner, model, datasets, pseudo_dir, ucfg, embed_dir)
