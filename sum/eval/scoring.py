@@ -1,7 +1,7 @@
 """Scoring one image in the ``evaluate`` stage (spec §10): the models under evaluation
-(`load_eval_models`, with their method and @tp0 variants), one decoder call on a batch of prompts
-(`predict_round`), one protocol simulated on an image's targets (`run_protocol`) and the record of one
-target's scores (`MaskRecord`).
+(`load_eval_models`, with their method and their @tp0 and @piou variants), one decoder call on a
+batch of prompts (`predict_round`), one protocol simulated on an image's targets (`run_protocol`)
+and the record of one target's scores (`MaskRecord`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 from sum.data.formats import masks_to_boxes
 from sum.eval.clicker import Click, boundary_click, first_click, next_click
 from sum.eval.metrics import boundary_iou, mask_iou_batch
-from sum.eval.protocol import PROTOCOLS, SELECTIONS, TP0_SUFFIX, task_prompts
+from sum.eval.columns import PIOU_SUFFIX, TP0_SUFFIX
+from sum.eval.protocol import PROTOCOLS, SELECTIONS, task_prompts
 from sum.model.checkpoint import CheckpointError, load_model, read_checkpoint
 from sum.model.decoder import decode
 from sum.model.predictor import SumPredictor
@@ -38,14 +39,16 @@ class EvalModel:
     """One column of the results: a loaded model and how it is prompted.
 
     Attributes:
-      name: ``eval.models`` key, or ``<key>@tp0`` for the task-prompt-0 variant.
-      predictor: its `SumPredictor` (shared by a model and its @tp0 variant).
+      name: ``eval.models`` key, ``<key>@tp0`` for the task-prompt-0 variant, ``<key>@piou`` for
+        the predicted-IoU variant.
+      predictor: its `SumPredictor` (shared by a model and its variants).
       source: the checkpoint ('' = ``model.checkpoint``).
       method: ``meta.method`` of a SUM checkpoint, or None (foundation model, plain SAM weights).
       use_task_prompt, continuous_task_prompt: from the method (False for no method).
       fingerprint: `encoder_fingerprint` of its encoder.
       protocols: the protocols it runs.
       force_tp0: the @tp0 variant (task prompt 0 in every round).
+      selection: its output selection; '' = ``eval.selection`` (the @piou variant: ``predicted_iou``).
     """
 
     name: str
@@ -57,6 +60,7 @@ class EvalModel:
     fingerprint: str
     protocols: List[str]
     force_tp0: bool = False
+    selection: str = ""
 
     def task_prompts(self, benchmark_task: str, trained_tasks: Collection[str], rounds: int) -> List[int]:
         if self.force_tp0:
@@ -84,8 +88,11 @@ def check_checkpoints(models: Dict[str, str]) -> None:
 
 def load_eval_models(cfg, s3=None) -> List[EvalModel]:
     """The models of ``eval.models`` on ``model.device`` with the encoder fast path of
-    ``model.fast_path`` (`load_model`) and, for those whose method uses task prompts, their @tp0
-    variants (spec §13 A3) on the protocols of ``eval.task_prompt_zero``.
+    ``model.fast_path`` (`load_model`); for those whose method uses task prompts, their @tp0
+    variants (spec §13 A3) on the protocols of ``eval.task_prompt_zero``; and for every model its
+    @piou variant, the same model with ``predicted_iou`` selection (what an interactive tool
+    shows), on the protocols of ``eval.predicted_iou`` (none when ``eval.selection`` is already
+    ``predicted_iou``). Order: each model, then its @tp0, then its @piou.
 
     '' is ``cfg.model``, seeded as every stage so that an uninitialised test model is the one the
     ``embed`` stage encoded with. Otherwise a SUM checkpoint gives the model its stored config
@@ -131,6 +138,9 @@ def load_eval_models(cfg, s3=None) -> List[EvalModel]:
         tp0 = [p for p in ev.protocols if p in ev.task_prompt_zero]
         if uses_tp and tp0:
             out.append(dataclasses.replace(em, name=name + TP0_SUFFIX, protocols=tp0, force_tp0=True))
+        piou = [p for p in ev.protocols if p in ev.predicted_iou] if ev.selection != "predicted_iou" else []
+        if piou:
+            out.append(dataclasses.replace(em, name=name + PIOU_SUFFIX, protocols=piou, selection="predicted_iou"))
         log.info("model %s: %s, method %s, encoder %s...", name, uri or cfg.model.checkpoint or "(model.checkpoint)",
                  em.method, em.fingerprint[:12])
     return out
@@ -170,7 +180,7 @@ def predict_round(
 
     Returns:
       masks (B, C, H, W) bool numpy at the original size, low-res logits (B, C, 256, 256) fp32
-      tensor on the model's device.
+      tensor on the model's device, predicted IoU (B, C) float32 numpy.
     """
     model, device = predictor.model, predictor.device
     points = box_t = None
@@ -189,13 +199,13 @@ def predict_round(
                 points=points, boxes=box_t, masks=mask_input, task_prompt=task_prompt
             )
             pe = model.prompt_encoder.get_dense_pe()
-            low_res_bchw, _ = decode(
+            low_res_bchw, iou_bc = decode(
                 model.mask_decoder, predictor.features, pe, sparse_bnc, dense_bchw, multimask, exact=decoder == "exact"
             )
         low_res_bchw = low_res_bchw.float()
         masks_bchw = model.postprocess_masks(low_res_bchw, predictor.input_size, predictor.original_size)
         masks_bchw = masks_bchw > model.mask_threshold
-    return masks_bchw.cpu().numpy(), low_res_bchw
+    return masks_bchw.cpu().numpy(), low_res_bchw, iou_bc.float().cpu().numpy()
 
 
 @dataclass
@@ -209,6 +219,7 @@ class ProtocolResult:
       clicks_at: per target, the number of clicks given up to each round (R,).
       kept: round (1-based) -> (K, H, W) bool selected masks, for the rounds asked.
       decoder_s, metrics_s: seconds in decoder calls and in scoring + click simulation.
+      decoded: target-rounds through the decoder (the work, whatever the machine's load).
     """
 
     iou: np.ndarray
@@ -218,6 +229,7 @@ class ProtocolResult:
     kept: Dict[int, np.ndarray] = field(default_factory=dict)
     decoder_s: float = 0.0
     metrics_s: float = 0.0
+    decoded: int = 0
 
 
 def run_protocol(
@@ -231,6 +243,8 @@ def run_protocol(
     boundary_width: int = 10,
     autocast=None,
     decoder: str = "fast",
+    stop_iou: Optional[float] = None,
+    stop_after: int = 0,
 ) -> ProtocolResult:
     """Simulate one protocol of spec §10.3 on K targets of the predictor's image, batched.
 
@@ -239,12 +253,17 @@ def run_protocol(
       gt_khw: (K, H, W) bool non-empty targets at the image's resolution.
       protocol: ``point``, ``box`` or ``boundary`` (module docstring).
       rounds: rounds to run (``boundary`` runs 1 whatever this says).
-      selection: ``oracle`` or ``token0`` (module docstring).
+      selection: ``oracle``, ``token0`` or ``predicted_iou`` (`sum.eval.evaluate`'s docstring).
       task_prompt_ids: task id of each round (`task_prompts`); default 0 everywhere.
       keep_rounds: 1-based rounds whose selected masks are returned (for panels).
       boundary_width: band width of the boundary click (px).
       autocast: the decoder's autocast context (`decoder_autocast`).
       decoder: ``fast`` or ``exact`` (`predict_round`).
+      stop_iou, stop_after: the NoC clicks beyond the ``stop_after`` reported rounds: after round
+        ``stop_after`` a target whose IoU is >= ``stop_iou`` gets no further click and its last
+        scores stand, as for a target with no error left (once IoU 0.95 is reached, NoC@85/90/95
+        and NoF@95 are known), and boundary IoU is no longer computed (NaN). ``stop_iou`` None:
+        every target runs every round it has an error; ``stop_after`` 0: boundary IoU everywhere.
 
     Returns:
       `ProtocolResult`.
@@ -276,6 +295,8 @@ def run_protocol(
     for r in range(rounds):
         t0 = time.perf_counter()
         if r > 0:
+            if stop_iou is not None and r >= stop_after:
+                active &= res.iou[:, r - 1] < stop_iou
             for i in np.flatnonzero(active):
                 c = next_click(gt_khw[i], pred_khw[i], res.clicks[i])
                 if c is None:
@@ -290,10 +311,12 @@ def run_protocol(
         if idx.size:
             mask_input_k1hw = _decode_round(
                 predictor, res, r, idx, gt_khw, pred_khw, boxes_k4, mask_input_k1hw, tps[r], selection, autocast,
-                decoder,
+                decoder, boundary=stop_after <= 0 or r < stop_after,
             )
         if r + 1 in keep_rounds:
             res.kept[r + 1] = pred_khw.copy()
+    if stop_after > 0:
+        res.biou[:, stop_after:] = np.nan
     return res
 
 
@@ -310,20 +333,22 @@ def _decode_round(
     selection: str,
     autocast,
     decoder: str,
+    boundary: bool = True,
 ) -> torch.Tensor:
     """Round ``r`` of `run_protocol` for the active targets ``idx``: one `predict_round` call with their
-    accumulated prompts, the output selected by ``selection``, scored into ``res`` and written to
-    ``pred_khw``; returns the (K, 1, 256, 256) mask inputs of the next round."""
+    accumulated prompts, the output selected by ``selection``, scored into ``res`` (boundary IoU
+    only when ``boundary``) and written to ``pred_khw``; returns the (K, 1, 256, 256) mask inputs
+    of the next round."""
     k = gt_khw.shape[0]
     n_clicks = len(res.clicks[idx[0]])
     n_prompts = n_clicks + (boxes_k4 is not None)
-    multimask = selection == "oracle" and n_prompts == 1
+    multimask = selection != "token0" and n_prompts == 1
     coords = labels = None
     if n_clicks:
         coords = np.array([[(c.x, c.y) for c in res.clicks[i]] for i in idx], np.float32)
         labels = np.array([[c.label for c in res.clicks[i]] for i in idx], np.int64)
     t0 = time.perf_counter()
-    masks_bchw, low_bchw = predict_round(
+    masks_bchw, low_bchw, piou_bc = predict_round(
         predictor,
         coords,
         labels,
@@ -335,13 +360,16 @@ def _decode_round(
         decoder,
     )
     res.decoder_s += time.perf_counter() - t0
+    res.decoded += int(idx.size)
     t0 = time.perf_counter()
     ious_bc = mask_iou_batch(masks_bchw, gt_khw[idx][:, None])
-    best_b = ious_bc.argmax(axis=1)  # oracle: closest to the ground truth; C = 1: token 0
+    # oracle: closest to the ground truth; predicted_iou: highest predicted IoU; C = 1: token 0
+    best_b = (piou_bc if selection == "predicted_iou" else ious_bc).argmax(axis=1)
     rows = np.arange(idx.size)
     pred_khw[idx] = masks_bchw[rows, best_b]
     res.iou[idx, r] = ious_bc[rows, best_b]
-    res.biou[idx, r] = [boundary_iou(gt_khw[i], pred_khw[i]) for i in idx]
+    if boundary:
+        res.biou[idx, r] = [boundary_iou(gt_khw[i], pred_khw[i]) for i in idx]
     low_b1hw = low_bchw[torch.as_tensor(rows), torch.as_tensor(best_b)][:, None]
     if mask_input_k1hw is None:
         mask_input_k1hw = torch.zeros((k, *low_b1hw.shape[1:]), dtype=low_b1hw.dtype, device=low_b1hw.device)
@@ -352,7 +380,12 @@ def _decode_round(
 
 @dataclass
 class MaskRecord:
-    """Scores of one target mask under one model and protocol (a row of the per-mask CSV)."""
+    """Scores of one target mask under one model and protocol (a row of the per-mask CSV).
+
+    ``iou`` and ``biou`` hold the reported rounds; ``noc`` and ``nof`` (point protocol) come from
+    every simulated click (`sum.eval.protocol.noc_budget`); ``width_px`` and ``resolvable`` are the
+    target's scale rule (`sum.eval.protocol.target_scale`), from its ground truth alone.
+    """
 
     model: str
     protocol: str
@@ -366,3 +399,6 @@ class MaskRecord:
     clicks: List[Click]
     noc: Dict[str, int] = field(default_factory=dict)
     image_area: int = 0  # H * W of its image (for the size bands of the report)
+    nof: Dict[str, int] = field(default_factory=dict)  # 1 when the threshold is never reached within the budget
+    width_px: float = 0.0
+    resolvable: bool = True
