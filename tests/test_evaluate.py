@@ -78,7 +78,6 @@ def make_cfg(root: Path, data: dict, **eval_fields) -> sc.Config:
         box_rounds=2,
         max_images=0,
         max_masks_per_image=3,
-        predicted_iou=[],
         precision="fp32",
         n_panels=1,
         metrics=str(root / "metrics" / "eval.json"),

@@ -238,10 +238,10 @@ class EvalConfig:
     datasets: List[str] = field(default_factory=list)  # names in data.datasets; empty = every benchmark
     protocols: List[str] = field(default_factory=lambda: ["point", "box", "boundary"])  # spec §10.3
     rounds: int = 6  # point protocol: clicks reported as mIoU, prompts accumulating (spec §10.3)
-    noc_max_clicks: int = 20  # point protocol: clicks simulated for NoC@85/90/95 and NoF@95 (RITM); 0 = rounds
-    box_rounds: int = 3  # box protocol: the tight box, then box_rounds - 1 clicks (paper: 6)
+    noc_max_clicks: int = 0  # point protocol: clicks simulated for NoC@85/90/95 and NoF@95 (RITM: 20); 0 = rounds
+    box_rounds: int = 1  # box protocol: the tight box, then box_rounds - 1 clicks (paper: 6)
     selection: str = "oracle"  # oracle (best of 3 outputs for a single prompt) | token0 (one output) | predicted_iou
-    predicted_iou: List[str] = field(default_factory=lambda: ["point"])  # protocols with <model>@piou (predicted-IoU pick)
+    predicted_iou: List[str] = field(default_factory=list)  # protocols with <model>@piou (predicted-IoU pick)
     task_prompt_zero: List[str] = field(default_factory=lambda: ["point"])  # protocols with <model>@tp0 (A3)
     max_images: int = 0  # per benchmark, first in dataset order; 0 = all
     max_masks_per_image: int = 6  # non-empty masks drawn per image, seeded by the image id; 0 = all
