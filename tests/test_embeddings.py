@@ -1,4 +1,5 @@
-"""The image-embedding cache (sum.model.embeddings): round trip, resume, encoder check."""
+"""The image-embedding cache (sum.model.embeddings): round trip, resume, encoder check; the source
+every stage reads embeddings from (cache, else encoder)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sum.data.formats import read_image
 from sum.data.image_files import write_image
 from sum.data.synthetic import generate_set
 from sum.model.checkpoint import load_model
-from sum.model.embeddings import EmbeddingCache, embed_datasets, embedding_file
+from sum.model.embeddings import EmbeddingCache, EmbeddingSource, embed_datasets, embedding_file
 from sum.model.predictor import SumPredictor, encoder_fingerprint
 
 
@@ -125,3 +126,50 @@ def test_changed_image_is_re_encoded(pool, tiny_cfg, tmp_path):
     assert summary["pool"]["encoded"] == 1
     with pytest.raises(ValueError, match="embed.dtype='bfloat16'"):
         embed_datasets(model, {"pool": ds}, tmp_path / "emb", dtype="bfloat16")
+
+
+def test_source_reads_the_cache_else_encodes(pool, tiny_cfg, tmp_path):
+    """Cached datasets come from the cache (fp16 storage, cast to fp32), the others from the
+    encoder, on the caller's image or the dataset's file of that id: the values of a fresh
+    `SumPredictor.set_image`."""
+    model = _model(tiny_cfg)
+    ds = build_dataset(pool, "pool")
+    embed_datasets(model, {"pool": ds}, tmp_path)
+    fresh = SumPredictor(model)
+    fresh.set_image(read_image(ds.image_path(2)))
+
+    source = EmbeddingSource(tmp_path, SumPredictor(model), datasets={"pool": ds, "again": ds})
+    cached = source.load("pool", ds.image_ids[2])
+    assert source.cached("pool") and not source.cached("again")
+    assert torch.equal(cached.features, EmbeddingCache(tmp_path).load("pool", ds.image_ids[2]).features)
+    assert not torch.equal(cached.features, fresh.features)
+    assert torch.equal(source.load("again", ds.image_ids[2]).features, fresh.features)
+    assert torch.equal(source.load("again", "any", image=read_image(ds.image_path(2))).features, fresh.features)
+    assert (source.loaded, source.encoded) == (1, 2)
+    with pytest.raises(KeyError, match="no image 'nope'"):
+        source.load("again", "nope")
+
+    encode_all = EmbeddingSource(None, SumPredictor(model), datasets={"pool": ds})
+    assert torch.equal(encode_all.load("pool", ds.image_ids[2]).features, fresh.features)
+
+
+def test_source_required_and_other_encoders(pool, tiny_cfg, tmp_path):
+    model, other = _model(tiny_cfg, seed=0), _model(tiny_cfg, seed=1)
+    ds = build_dataset(pool, "pool")
+    embed_datasets(model, {"pool": ds}, tmp_path)
+    path = embedding_file(tmp_path, "pool", ds.image_ids[0])
+
+    required = EmbeddingSource(tmp_path, fingerprint=encoder_fingerprint(model), required=True)
+    size = read_image(ds.image_path(0)).shape[:2]
+    assert required.load("pool", ds.image_ids[0], original_size=size).fingerprint == encoder_fingerprint(model)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "elsewhere" / "index.json")):
+        required.load("elsewhere", ds.image_ids[0])
+    with pytest.raises(ValueError, match="needs a predictor"):
+        EmbeddingSource(None, fingerprint=encoder_fingerprint(model))
+
+    # the cache of another encoder: an error by default, encoded instead with same_encoder_only
+    with pytest.raises(ValueError, match=f"{path}: embedding made by another image encoder"):
+        EmbeddingSource(tmp_path, SumPredictor(other)).load("pool", ds.image_ids[0])
+    own = EmbeddingSource(tmp_path, SumPredictor(other), same_encoder_only=True)
+    emb = own.load("pool", ds.image_ids[0], image=read_image(ds.image_path(0)))
+    assert emb.fingerprint == encoder_fingerprint(other) and (own.loaded, own.encoded) == (0, 1)

@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from sum.config import DatasetConfig
-from sum.data import formats
+from sum.data import formats, sa1b_json
 from sum.data.coco import encode_rle, mask_to_annotation, write_coco
 from sum.data.dataset import CocoDataset, build_dataset
 from sum.data.mask_folder import MaskFolderDataset
@@ -249,14 +249,14 @@ def test_sa1b_round_trip(tmp_path):
         save_rgb(tmp_path / f"sa_{n}.jpg", rng, h, w)
         masks = random_masks(rng, 3, h, w)
         anns = [
-            formats.sa1b_annotation(m, j, predicted_iou=0.9, stability_score=0.96, point_coords=[[3, 4]])
+            sa1b_json.sa1b_annotation(m, j, predicted_iou=0.9, stability_score=0.96, point_coords=[[3, 4]])
             for j, m in enumerate(masks)
         ]
-        formats.write_sa1b_json(
+        sa1b_json.write_sa1b_json(
             tmp_path / f"sa_{n}.json", {"image_id": n, "file_name": f"sa_{n}.jpg", "height": h, "width": w}, anns
         )
         np.save(tmp_path / f"truth_{n}.npy", masks)
-    info, anns = formats.read_sa1b_json(tmp_path / "sa_1.json")
+    info, anns = sa1b_json.read_sa1b_json(tmp_path / "sa_1.json")
     assert info["file_name"] == "sa_1.jpg" and anns[0]["predicted_iou"] == 0.9 and anns[0]["crop_box"] == [0, 0, w, h]
     assert set(anns[0]) >= {
         "segmentation",

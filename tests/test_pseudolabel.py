@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from conftest import free_port, model_config
 
 from sum.config import Config, DatasetConfig, EmbedConfig, PseudoConfig, WorldSetConfig
 from sum.data.coco import decode_rle
+from sum.data.image_files import write_image
 from sum.data.synthetic import generate_set
 from sum.model.checkpoint import load_model
 from sum.model.lowres import upsample_low_res
@@ -318,6 +320,22 @@ def test_pseudo_label_dataset(world, clean, tmp_path):
         missing[0]
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing" / "pool")):
         PseudoLabelDataset(folder / "images", tmp_path / "nothing", "pool")
+
+
+def test_pseudo_label_dataset_problems_name_the_image_and_the_shard(world, clean, tmp_path):
+    root, folder = world
+    images = tmp_path / "images"
+    shutil.copytree(folder / "images", images)
+    ds = PseudoLabelDataset(images, clean[0], "pool", min_ratio=0, max_ratio=1.0, max_masks=None)
+    h, w = ds.images[0]["height"], ds.images[0]["width"]
+    write_image(ds.image_path(0), np.zeros((h + 1, w, 3), np.uint8))
+    ds.image_path(1).unlink()
+    (wrong,) = ds.problems(0)
+    assert (wrong.file, wrong.reason, wrong.index) == (str(ds.image_path(0)), "image_size_mismatch", 0)
+    assert wrong.detail == f"image is {h + 1}x{w}, shard-00000.json says {h}x{w}"
+    (missing,) = ds.problems(1)
+    assert (missing.file, missing.reason) == (str(ds.image_path(1)), "missing_image")
+    assert ds.problems(2) == []
 
 
 def test_torch_threads_per_task_is_separate_from_dask_task_slots():

@@ -345,6 +345,13 @@ def test_decoder_mode_never_runs_encoder_and_leaves_it_untouched(world, embeddin
     assert not torch.equal(init["prompt_encoder.point_embeddings.1.weight"], final["prompt_encoder.point_embeddings.1.weight"])
 
 
+def test_decoder_mode_without_the_embed_cache_names_its_index(world, tmp_path):
+    cfg = make_cfg(tmp_path, iterations=1)
+    cfg.embed = dataclasses.replace(cfg.embed, out_dir=str(tmp_path / "emb"))
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'emb'}/(hq|pool)/index.json: no embedding index for dataset"):
+        tr.finetune(cfg, pools=pools_of(world))
+
+
 def test_full_mode_layer_decay_matches_the_formula():
     """Spec §8.1: block b of L at lr·0.8^(L−b), patch/pos embedding lr·0.8^(L+1), neck, prompt
     encoder, decoder, task prompts at lr; id 0 frozen; checked by hand for ViT and TinyViT."""

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from sum.config import DataConfig, DatasetConfig, ValidateConfig
-from sum.data import formats
+from sum.data import formats, sa1b_json
 from sum.data.coco import encode_rle, mask_to_annotation, write_coco
 from sum.data.dataset import CocoDataset
 from sum.data.mask_folder import MaskFolderDataset
@@ -181,10 +181,10 @@ def test_bbox_outside_image(tmp_path):
 
 def test_sa1b_problems_name_the_json(tmp_path):
     Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(tmp_path / "sa_1.jpg")
-    good = formats.sa1b_annotation(square(), 0)
-    bad = formats.sa1b_annotation(square(), 1)
+    good = sa1b_json.sa1b_annotation(square(), 0)
+    bad = sa1b_json.sa1b_annotation(square(), 1)
     bad["segmentation"] = {"size": [H, W + 1], "counts": encode_rle(square(w=W + 1))["counts"]}
-    formats.write_sa1b_json(tmp_path / "sa_1.json", {"image_id": 1, "height": H, "width": W}, [good, bad])
+    sa1b_json.write_sa1b_json(tmp_path / "sa_1.json", {"image_id": 1, "height": H, "width": W}, [good, bad])
     ds = Sa1bDataset(tmp_path, tmp_path)
     msg = fail_message(ds)
     assert msg.startswith(f"{tmp_path / 'sa_1.json'}: annotation 1: mask is 24x33, image is 24x32")

@@ -1,11 +1,11 @@
 """Readers and writers of the on-disk formats every dataset arrives in (spec §3).
 
 - images: any PIL-readable file or TIFF, always returned as (H, W, 3) uint8 RGB;
-- COCO instance JSON (polygons, compressed or uncompressed RLE) through pycocotools;
-- SA-1B per-image JSON (``{"image": {...}, "annotations": [...]}``).
+- COCO instance JSON (polygons, compressed or uncompressed RLE) through pycocotools, and the
+  JSON reader the other JSON formats share.
 
 Binary mask files, image bytes, writing and listing images are in `sum.data.image_files`; labelme
-JSON in `sum.data.labelme`.
+JSON in `sum.data.labelme`; SA-1B per-image JSON in `sum.data.sa1b_json`.
 
 Every reader fails with one line naming the file. RLE and polygon checks (`rle_problem`,
 `polygon_problem`) inspect the encoding without decoding the mask, so validation stays cheap, and
@@ -18,7 +18,7 @@ import contextlib
 import io
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from sum.data.coco import check_coco_structure, encode_rle, mask_to_annotation
-from sum.io import atomic_write_text
+from sum.data.coco import check_coco_structure, mask_to_annotation
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 TIFF_EXTENSIONS = (".tif", ".tiff")
@@ -361,60 +360,3 @@ def load_coco(path: str | os.PathLike):
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
-
-
-# ---------------------------------------------------------------------------------------------
-# SA-1B per-image JSON
-
-
-def sa1b_annotation(
-    mask_hw: np.ndarray,
-    ann_id: int,
-    predicted_iou: float = 1.0,
-    stability_score: float = 1.0,
-    point_coords: Sequence[Sequence[float]] | None = None,
-    crop_box: Sequence[float] | None = None,
-) -> dict:
-    """One SA-1B annotation for a binary mask: RLE, xywh bbox, area, scores, point and crop box."""
-    rle = encode_rle(mask_hw)
-    rle_b = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-    h, w = mask_hw.shape
-    return {
-        "id": int(ann_id),
-        "segmentation": rle,
-        "bbox": [float(v) for v in mask_utils.toBbox(rle_b)],
-        "area": int(mask_utils.area(rle_b)),
-        "predicted_iou": float(predicted_iou),
-        "stability_score": float(stability_score),
-        "point_coords": [list(map(float, p)) for p in (point_coords or [])],
-        "crop_box": [float(v) for v in (crop_box if crop_box is not None else (0, 0, w, h))],
-    }
-
-
-def write_sa1b_json(path: str | os.PathLike, image_info: dict, annotations: Iterable[dict]) -> Path:
-    """Write an SA-1B per-image JSON atomically.
-
-    Arguments:
-      image_info: ``{"image_id", "file_name", "height", "width"}`` (others kept).
-      annotations: dicts as `sa1b_annotation` makes.
-    """
-    for key in ("height", "width"):
-        if key not in image_info:
-            raise ValueError(f"{path}: image info has no {key!r}")
-    doc = {"image": dict(image_info), "annotations": list(annotations)}
-    atomic_write_text(path, json.dumps(doc, separators=(",", ":")))
-    return Path(path)
-
-
-def read_sa1b_json(path: str | os.PathLike) -> tuple[dict, list[dict]]:
-    """(image info, annotations) of an SA-1B per-image JSON; one line naming the file if malformed."""
-    doc = read_json(path)
-    if not isinstance(doc, dict) or not isinstance(doc.get("image"), dict):
-        raise ValueError(f"{path}: SA-1B JSON has no 'image' object")  # noqa: TRY004
-    anns = doc.get("annotations")
-    if not isinstance(anns, list):
-        raise ValueError(f"{path}: SA-1B JSON has no list 'annotations'")  # noqa: TRY004
-    for i, ann in enumerate(anns):
-        if not isinstance(ann, dict) or "segmentation" not in ann:
-            raise ValueError(f"{path}: annotations[{i}] has no 'segmentation'")
-    return doc["image"], anns

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sum.data import formats
 from sum.data.image_files import find_images
+from sum.data.sa1b_json import read_sa1b_json
 from sum.data.sample import FileListDataset, Problem, Sample, annotation_problems, make_sample
 
 
@@ -45,7 +46,7 @@ class Sa1bDataset(FileListDataset):
     def record(self, i: int) -> tuple[dict, list[dict]]:
         """(image info, annotations) of sample ``i`` (the last one read is cached)."""
         if self._cache is None or self._cache[0] != i:
-            self._cache = (i, formats.read_sa1b_json(self.files[i]))
+            self._cache = (i, read_sa1b_json(self.files[i]))
         return self._cache[1]
 
     def annotation_ids(self, i: int) -> list[str]:

@@ -70,7 +70,7 @@ import torch
 
 from sum.data.dataset import build_dataset
 from sum.eval import report
-from sum.eval.loop import EmbeddingSource, evaluate_benchmarks, summarise
+from sum.eval.loop import EncoderEmbeddings, evaluate_benchmarks, summarise
 from sum.eval.protocol import check_eval_config, decoder_autocast, example_benchmarks
 from sum.eval.scoring import check_checkpoints, load_eval_models
 from sum.io import S3Options, md5_file
@@ -123,7 +123,7 @@ def _run_evaluate(cfg, names: List[str]) -> Dict:
     trained_tasks = sorted({d.task for d in cfg.data.datasets.values() if d.role == "labeled"})
     benchmarks = {n: build_dataset(cfg.data.datasets[n], n) for n in names}
     examples = example_benchmarks({n: len(ds) for n, ds in benchmarks.items()}, ev.min_images)
-    embeddings = EmbeddingSource(cfg.embed.out_dir, models)
+    embeddings = EncoderEmbeddings(cfg.embed.out_dir, models)
 
     tracker = NullTracker() if not cfg.tracking.enabled else start_run(
         experiment=cfg.tracking.experiment,

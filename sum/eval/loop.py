@@ -1,6 +1,6 @@
 """The evaluation loop of the ``evaluate`` stage (spec §10): every model's protocols on every
 benchmark image (`evaluate_benchmarks`), with each image's embedding read from the cache or encoded
-once per encoder (`EmbeddingSource`), and the per-mask scores aggregated the paper's way
+once per encoder (`EncoderEmbeddings`), and the per-mask scores aggregated the paper's way
 (`summarise`).
 """
 
@@ -13,11 +13,11 @@ from typing import Collection, Dict, List, Optional, Sequence
 import numpy as np
 
 from sum.eval.clicker import Click
-from sum.eval.metrics import aggregate, aggregate_counts, noc, nof
 from sum.eval.columns import NOC_THRESHOLDS, NOF_THRESHOLDS, noc_budget
+from sum.eval.metrics import aggregate, aggregate_counts, noc, nof
 from sum.eval.protocol import low_res_cell_px, protocol_rounds, select_targets, simulated_rounds, target_scale
 from sum.eval.scoring import EvalModel, MaskRecord, ProtocolResult, run_protocol
-from sum.model.embeddings import EmbeddingCache
+from sum.model import embeddings as model_embeddings
 from sum.progress import progress_bar
 
 
@@ -34,36 +34,36 @@ class PanelRow:
     clicks: Dict[str, Dict[int, List[List[Click]]]] = field(default_factory=dict)  # model -> round -> per target
 
 
-class EmbeddingSource:
-    """An image's embedding for each distinct encoder: from the `EmbeddingCache` when it was made
-    by that encoder (decoder-mode fine-tunes share the foundation's), else encoded here once."""
+class EncoderEmbeddings:
+    """An image's embedding for each distinct encoder: one `sum.model.embeddings.EmbeddingSource`
+    per encoder fingerprint, reading the cache where that encoder made it (decoder-mode fine-tunes
+    share the foundation's) and encoding here otherwise, once per image and encoder.
+
+    Arguments:
+      cache_dir: the ``embed`` stage's folder.
+      models: the `EvalModel`s; the first of each encoder group encodes for the group.
+    """
 
     def __init__(self, cache_dir: str, models: Sequence[EvalModel]):
-        self.cache = EmbeddingCache(cache_dir)
         self.groups: Dict[str, List[EvalModel]] = {}
         for m in models:
             self.groups.setdefault(m.fingerprint, []).append(m)
-        self.from_cache: Dict[tuple, bool] = {}
-        self.loaded = self.encoded = 0
+        self.sources = {
+            fp: model_embeddings.EmbeddingSource(cache_dir, group[0].predictor, fingerprint=fp, same_encoder_only=True)
+            for fp, group in self.groups.items()
+        }
 
-    def cached(self, dataset: str, fingerprint: str) -> bool:
-        key = (dataset, fingerprint)
-        if key not in self.from_cache:
-            try:
-                self.from_cache[key] = self.cache.index(dataset).get("fingerprint") == fingerprint
-            except FileNotFoundError:
-                self.from_cache[key] = False
-        return self.from_cache[key]
+    @property
+    def loaded(self) -> int:
+        return sum(s.loaded for s in self.sources.values())
+
+    @property
+    def encoded(self) -> int:
+        return sum(s.encoded for s in self.sources.values())
 
     def embed(self, dataset: str, sample, fingerprint: str):
         """The `ImageEmbedding` of ``sample`` for the encoder ``fingerprint``."""
-        if self.cached(dataset, fingerprint):
-            self.loaded += 1
-            return self.cache.load(dataset, sample.image_id, fingerprint=fingerprint, original_size=sample.image.shape[:2])
-        predictor = self.groups[fingerprint][0].predictor
-        predictor.set_image(sample.image)
-        self.encoded += 1
-        return predictor.get_embedding()
+        return self.sources[fingerprint].load(dataset, sample.image_id, image=sample.image, original_size=sample.image.shape[:2])
 
 
 def evaluate_benchmarks(
@@ -72,7 +72,7 @@ def evaluate_benchmarks(
     dataset_task: Dict[str, str],
     trained_tasks: Collection[str],
     ev,
-    embeddings: EmbeddingSource,
+    embeddings: EncoderEmbeddings,
     autocast=None,
     timings: Optional[Dict[str, float]] = None,
     work: Optional[Dict[str, int]] = None,

@@ -17,7 +17,7 @@ embedding. The ``embed`` stage writes it once per image:
 `EmbeddingCache.load` casts back to fp32 and refuses, naming the file, an embedding that is
 missing, of another size or made by another encoder. `embed_datasets` resumes: images whose file
 already holds an embedding from the same encoder and dtype, of the same image bytes (sha256), are
-skipped.
+skipped. Every later stage gets its embeddings from an `EmbeddingSource`: this cache, else the encoder.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import os
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 
 from sum.data.dataset import build_dataset, select_datasets
@@ -289,24 +290,110 @@ def run_embed(cfg) -> Dict[str, dict]:
     return embed_datasets(model, datasets, cfg.embed.out_dir, cfg.embed.dtype)
 
 
-def embedding_source(model, dataset_name: str, dataset, embed_dir: Optional[str | os.PathLike]) -> Callable[[str], object]:
-    """image_id -> `ImageEmbedding`: from the ``embed`` stage's cache when it has the dataset,
-    else computed with the foundation model's encoder (once per image, kept in memory)."""
-    predictor = SumPredictor(model)
-    if embed_dir is not None and (Path(embed_dir) / dataset_name / "index.json").is_file():
-        cache = EmbeddingCache(embed_dir, fingerprint=predictor.fingerprint())
-        return lambda image_id: cache.load(dataset_name, image_id)
+class EmbeddingSource:
+    """Where every stage gets an image's embedding: the ``embed`` stage's cache when it holds the
+    dataset, else the image encoder. The encoder is frozen wherever an embedding is reused: the
+    refinement module shares SAM's (spec §4.1); pseudo-labelling (spec §3.3) and decoder-mode
+    fine-tuning (spec §8.1) never run it.
 
-    position = {str(i): k for k, i in enumerate(dataset.image_ids)}
-    memo: Dict[str, object] = {}
+    Per dataset, at its first image, the source decides once: the cache when
+    ``<embed_dir>/<dataset>/index.json`` exists (and, with ``same_encoder_only``, was made by this
+    encoder), its stored features cast to fp32, each `load` refusing an embedding of another
+    encoder or size (`EmbeddingCache.load`); else ``predictor`` encodes, in fp32, the image the
+    caller hands in or the dataset's file of that id. Nothing is kept in memory; ``loaded`` and
+    ``encoded`` count the embeddings read and computed.
 
-    def compute(image_id: str):
-        if image_id not in memo:
-            if image_id not in position:
-                raise KeyError(f"dataset {dataset_name!r} ({dataset.source}): no image {image_id!r}")
-            predictor.set_image(read_image(dataset.image_path(position[image_id])))
-            memo[image_id] = predictor.get_embedding()
-        return memo[image_id]
+    Arguments:
+      embed_dir: the ``embed`` stage's folder (``cfg.embed.out_dir``), or None: encode every image.
+      predictor (SumPredictor or None): encodes what the cache lacks; None: the cache only.
+      fingerprint (str or None): `encoder_fingerprint` the cached embeddings must carry; default
+        the predictor's, computed when first needed. None without a predictor checks nothing.
+      required (bool): raise `FileNotFoundError` naming the index of a dataset the cache lacks
+        (implied without a predictor): for stages that exist so that nothing is encoded twice.
+      same_encoder_only (bool): encode, instead of raising at `load`, when the dataset's cache was
+        made by another encoder (evaluation of full fine-tunes, whose encoder moved).
+      datasets: name -> `SegDataset`, to read an image by id when `load` is given none.
+    """
 
-    log.info("no embedding cache for %s under %s: encoding images in memory", dataset_name, embed_dir)
-    return compute
+    def __init__(
+        self, embed_dir: Optional[str | os.PathLike], predictor: Optional[SumPredictor] = None, *,
+        fingerprint: Optional[str] = None, required: bool = False, same_encoder_only: bool = False,
+        datasets: Optional[Mapping[str, object]] = None,
+    ) -> None:
+        if embed_dir is None and (required or predictor is None):
+            raise ValueError("EmbeddingSource: embed_dir=None needs a predictor to encode with and required=False")
+        self.cache = EmbeddingCache(embed_dir) if embed_dir is not None else None
+        self.predictor = predictor
+        self.required = required or predictor is None
+        self.same_encoder_only = same_encoder_only
+        self.datasets = datasets or {}
+        self._fingerprint = fingerprint
+        self._from_cache: Dict[str, bool] = {}
+        self._positions: Dict[str, Dict[str, int]] = {}
+        self.loaded = self.encoded = 0
+
+    @property
+    def fingerprint(self) -> Optional[str]:
+        """The encoder fingerprint the cached embeddings must carry (class docstring)."""
+        if self._fingerprint is None and self.predictor is not None:
+            self._fingerprint = self.predictor.fingerprint()
+        return self._fingerprint
+
+    def index(self, dataset: str) -> dict:
+        """The cache's ``index.json`` of ``dataset`` (`EmbeddingCache.index`: FileNotFoundError naming it)."""
+        return self.cache.index(dataset)
+
+    def cached(self, dataset: str) -> bool:
+        """Whether the embeddings of ``dataset`` come from the cache (decided at its first call).
+
+        Raises:
+          FileNotFoundError: naming the index, when the cache lacks the dataset and is required.
+        """
+        if dataset not in self._from_cache:
+            if self.required:
+                self.index(dataset)  # FileNotFoundError naming the index when the cache lacks it
+                use = True
+            else:
+                use = self.cache is not None and (self.cache.out_dir / dataset / INDEX_NAME).is_file()
+                if use and self.same_encoder_only:
+                    use = self.index(dataset).get("fingerprint") == self.fingerprint
+                if not use:
+                    where = self.cache.out_dir if self.cache is not None else "no embed_dir"
+                    log.info("%s: no embeddings of encoder %s... in %s, encoding its images", dataset, self.fingerprint[:12], where)
+            self._from_cache[dataset] = use
+        return self._from_cache[dataset]
+
+    def load(
+        self, dataset: str, image_id: str, image: Optional[np.ndarray] = None, original_size: Optional[Tuple[int, int]] = None
+    ) -> ImageEmbedding:
+        """The fp32 embedding of one image (class docstring).
+
+        Arguments:
+          dataset, image_id: which image.
+          image (np.ndarray or None): (H, W, 3) uint8, the image to encode when it is not cached;
+            None reads the file of ``image_id`` in ``datasets[dataset]``.
+          original_size: expected (H, W) of a cached embedding, if known.
+        Returns:
+          `ImageEmbedding`: features (1, C, He, We) fp32, sizes, fingerprint.
+        Raises:
+          FileNotFoundError, ValueError: from `EmbeddingCache.load`, naming the file.
+          KeyError: naming the dataset when an image to encode is neither given nor one of its ids.
+        """
+        if self.cached(dataset):
+            self.loaded += 1
+            return self.cache.load(dataset, image_id, fingerprint=self.fingerprint, original_size=original_size)
+        if image is None:
+            image = read_image(self._image_path(dataset, str(image_id)))
+        self.predictor.set_image(image)
+        self.encoded += 1
+        return self.predictor.get_embedding()
+
+    def _image_path(self, dataset: str, image_id: str) -> Path:
+        ds = self.datasets.get(dataset)
+        if ds is None:
+            raise KeyError(f"dataset {dataset!r}: no image given to encode image {image_id!r}, and no dataset to read it from")
+        if dataset not in self._positions:
+            self._positions[dataset] = {str(i): k for k, i in enumerate(ds.image_ids)}
+        if image_id not in self._positions[dataset]:
+            raise KeyError(f"dataset {dataset!r} ({ds.source}): no image {image_id!r}")
+        return ds.image_path(self._positions[dataset][image_id])

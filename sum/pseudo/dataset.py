@@ -181,13 +181,10 @@ class PseudoLabelDataset(SegDataset):
         return u
 
     def problems(self, i: int) -> list[Problem]:
-        image, out = self._image_problem(i)
+        image, out = self.checked_image(i, self.images[i], self._json(i).name)
         if image is None:
             return out
         img, (h, w) = self.images[i], image.shape[:2]
-        if (h, w) != (int(img["height"]), int(img["width"])):
-            detail = f"image is {h}x{w}, {self._json(i).name} says {img['height']}x{img['width']}"
-            return [Problem(str(self.image_path(i)), "image_size_mismatch", detail, index=i)]
         for a in img["annotations"]:
             reason = formats.rle_problem(a["segmentation"])
             if reason is None and tuple(a["segmentation"]["size"]) != (h, w):

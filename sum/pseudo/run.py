@@ -4,8 +4,8 @@
 shards that are not already on disk to a Dask cluster: a `distributed.LocalCluster` of
 ``n_workers`` processes by default, or the scheduler at ``scheduler_address``. A task
 (`run_shard`) loads the model once per worker process (`sum.pseudo.worker.worker_model` caches it), reads each
-image's embedding from the ``embed`` stage's cache (`sum.model.embeddings.EmbeddingCache`, so no
-image is encoded again), runs `sum.pseudo.amg.MaskGenerator` with task prompt 0 (plain SAM,
+image's embedding from the ``embed`` stage's cache (a required `sum.model.embeddings.EmbeddingSource`:
+no image is encoded again), runs `sum.pseudo.amg.MaskGenerator` with task prompt 0 (plain SAM,
 §3.3) and writes its shard atomically (`sum.pseudo.store.write_shard`).
 
 Resuming: a shard whose json exists with the same ``config_hash`` and ``inputs_hash`` is kept.
@@ -39,7 +39,7 @@ import sum.pseudo.point_decoder as point_decoder
 from sum.data.dataset import build_dataset, select_datasets
 from sum.io import S3Options, atomic_write_text
 from sum.model.checkpoint import config_to_dict
-from sum.model.embeddings import INDEX_NAME, EmbeddingCache
+from sum.model.embeddings import INDEX_NAME, EmbeddingSource
 from sum.model.predictor import encoder_fingerprint
 from sum.pseudo.amg import MaskGenerator
 from sum.pseudo.cluster import run_jobs, task_threads, where_run
@@ -97,15 +97,14 @@ def inputs_hash(images: List[Dict[str, Any]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _plan(cfg, name: str, fingerprint: str) -> Tuple[List[List[Dict[str, Any]]], str]:
+def _plan(cfg, name: str, embeddings: EmbeddingSource) -> Tuple[List[List[Dict[str, Any]]], str]:
     """The shards of one dataset, ``shard_size`` images (id, file name, size, position, from the
     dataset and the embedding index) each, and the dtype the embeddings are stored in."""
     dcfg = cfg.data.datasets[name]
     ds = build_dataset(dcfg, name)
-    cache = EmbeddingCache(cfg.embed.out_dir)
-    index = cache.index(name)
+    index = embeddings.index(name)
     index_path = Path(cfg.embed.out_dir) / name / INDEX_NAME
-    if index.get("fingerprint") != fingerprint:
+    if index.get("fingerprint") != embeddings.fingerprint:
         raise ValueError(f"{index_path}: embeddings made by another image encoder than model {cfg.model.name!r} (run `sumseg embed`)")
     images = []
     for i, image_id in enumerate(ds.image_ids):
@@ -199,11 +198,12 @@ def _pseudolabel(cfg) -> Dict[str, Any]:
     threads = task_threads(pcfg)
     model, model_hash, _ = worker_model(model_cfg, s3, threads)
     fingerprint = encoder_fingerprint(model)
+    embeddings = EmbeddingSource(cfg.embed.out_dir, fingerprint=fingerprint, required=True)
     params = amg_params(pcfg)
 
     jobs, plan = [], {}
     for name in names:
-        shards, embed_dtype = _plan(cfg, name, fingerprint)
+        shards, embed_dtype = _plan(cfg, name, embeddings)
         chash = config_hash(params, model_hash, embed_dtype)
         folder = Path(pcfg.out_dir) / name
         _clean(folder, len(shards))

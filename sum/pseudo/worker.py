@@ -16,7 +16,7 @@ import torch
 from sum.config import ModelConfig
 from sum.data.formats import read_image
 from sum.model.checkpoint import load_model
-from sum.model.embeddings import EmbeddingCache
+from sum.model.embeddings import EmbeddingSource
 from sum.pseudo.amg import MaskGenerator
 from sum.pseudo.store import ShardImage, shard_paths, write_shard
 
@@ -74,12 +74,12 @@ def run_shard(job: Dict[str, Any]) -> Dict[str, Any]:
             f"(hash {model_hash[:12]}... vs {job['model_hash'][:12]}...)"
         )
     generator = MaskGenerator(model, output_mode="coco_rle", task_prompt=0, **job["amg"])
-    cache = EmbeddingCache(job["embed_dir"], fingerprint=job["fingerprint"])
+    embeddings = EmbeddingSource(job["embed_dir"], fingerprint=job["fingerprint"], required=True)
     images, n_masks = [], 0
     with torch.inference_mode():
         for img in job["images"]:
             size = (img["height"], img["width"])
-            emb = cache.load(job["dataset"], img["image_id"], original_size=size)
+            emb = embeddings.load(job["dataset"], img["image_id"], original_size=size)
             if generator.crop_n_layers > 0:
                 image = read_image(Path(job["images_dir"]) / img["file_name"])
                 records = generator.generate(image, embedding=emb.features)

@@ -40,7 +40,7 @@ from torch import nn
 
 from sum.io import atomic_write_text, md5_file
 from sum.model.checkpoint import save_sum_checkpoint
-from sum.model.embeddings import EmbeddingCache
+from sum.model.embeddings import EmbeddingSource
 from sum.model.predictor import encoder_fingerprint
 from sum.progress import progress_bar
 from sum.tracking import MODEL_MD5_TAG
@@ -157,8 +157,8 @@ def setup_run(cfg, method_name: Optional[str], pools: Optional[Dict[str, Pool]],
     sizes = {k: len(p) for k, p in pools.items()}
     n_labeled, n_unlabeled = split_batch(t.batch_size, t.unlabeled_fraction, sizes[UNLABELED] > 0)
     img_size = sam.image_encoder.img_size
-    if t.mode == "decoder" and embeddings is None:
-        embeddings = EmbeddingCache(cfg.embed.out_dir, fingerprint=encoder_fingerprint(sam))
+    if t.mode == "decoder" and embeddings is None:  # the encoder never runs (spec §8.1)
+        embeddings = EmbeddingSource(cfg.embed.out_dir, fingerprint=encoder_fingerprint(sam), required=True)
 
     schedule = round_schedule(
         t.rounds, use_task_prompt=method.use_task_prompt, continuous_task_prompt=method.continuous_task_prompt
@@ -203,8 +203,8 @@ def finetune(
         ``embed``, ``tracking``, ``storage``).
       method_name: the method to train (`resolve_method`); default ``cfg.method``.
       pools: labeled/unlabeled `Pool`s instead of `build_pools` (tests, notebooks).
-      embeddings: an object with ``load(dataset, image_id) -> ImageEmbedding`` instead of
-        ``EmbeddingCache(cfg.embed.out_dir)`` (decoder mode only).
+      embeddings: an object with ``load(dataset, image_id) -> ImageEmbedding`` instead of the
+        ``embed`` cache, ``EmbeddingSource(cfg.embed.out_dir, required=True)`` (decoder mode only).
       on_step: called as ``on_step(step, metrics)`` after every step, on every rank.
     Returns:
       the metrics written to ``<metrics_dir>/<method>.json`` (also on ranks > 0, unwritten).

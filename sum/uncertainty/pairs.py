@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from segment_anything.utils.amg import batched_mask_to_box, calculate_stability_
 
 from sum.config import RefineConfig
 from sum.data.prompts import sample_first_points
+from sum.model.embeddings import EmbeddingSource
 from sum.model.predictor import SumPredictor
 from sum.pseudo.point_decoder import PointBatchDecoder
 
@@ -186,15 +187,21 @@ def prepare_images(
     model,
     dataset,
     cfg: RefineConfig,
-    embedding_of: Optional[Callable[[str], object]] = None,
+    embeddings: Optional[EmbeddingSource] = None,
 ) -> Tuple[List[ImageData], Dict[str, int]]:
-    """Embeddings (cached or computed once per image, in memory), GT and kept pairs of every image
-    of the human-annotated ``dataset``.
+    """Embeddings, GT and kept pairs of every image of the human-annotated ``dataset``.
 
+    Arguments:
+      model: the foundation SAM (weights loaded).
+      dataset: the human-annotated `SegDataset`; its ``name`` is its name in the cache.
+      cfg: `RefineConfig` (``max_images``, ``seed`` and the pair filters).
+      embeddings: the `EmbeddingSource` (the ``embed`` cache, else the encoder); None encodes
+        every image.
     Returns:
       (images with at least one GT mask, pair counts summed over images).
     """
     predictor = SumPredictor(model)
+    embeddings = embeddings if embeddings is not None else EmbeddingSource(None, predictor)
     gen = torch.Generator().manual_seed(cfg.seed)
     counts: Dict[str, int] = defaultdict(int)
     images = []
@@ -203,10 +210,7 @@ def prepare_images(
         sample = dataset[i]
         if sample.masks.shape[0] == 0:
             continue
-        if embedding_of is not None:
-            predictor.set_embedding(embedding_of(sample.image_id))
-        else:
-            predictor.set_image(sample.image)
+        predictor.set_embedding(embeddings.load(dataset.name, sample.image_id, image=sample.image))
         pairs, c = select_pairs(PointPredictor(predictor), sample.image_id, sample.masks, cfg, gen)
         for k, v in c.items():
             counts[k] += v

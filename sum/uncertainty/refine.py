@@ -42,8 +42,7 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -52,8 +51,8 @@ from sum.config import RefineConfig
 from sum.data.dataset import build_dataset
 from sum.io import S3Options
 from sum.model.checkpoint import load_model
-from sum.model.embeddings import EmbeddingCache
-from sum.model.predictor import encoder_fingerprint
+from sum.model.embeddings import EmbeddingSource
+from sum.model.predictor import SumPredictor
 from sum.tracking import json_metrics, stage_run
 from sum.uncertainty.pairs import prepare_images, split_images
 from sum.uncertainty.refine_train import evaluate_pairs, train_refiner
@@ -62,20 +61,23 @@ from sum.uncertainty.refiner import RefinementModule, save_refiner
 log = logging.getLogger(__name__)
 
 
-def fit_refiner(model, dataset, cfg: RefineConfig, embedding_of=None) -> Tuple[RefinementModule, dict]:
+def fit_refiner(
+    model, dataset, cfg: RefineConfig, embeddings: Optional[EmbeddingSource] = None
+) -> Tuple[RefinementModule, dict]:
     """Pairs, split, training and validation of the refinement module (spec §4.1).
 
     Arguments:
       model: the foundation SAM (weights loaded).
       dataset: the human-annotated `SegDataset`.
       cfg: `RefineConfig`.
-      embedding_of: image_id -> `ImageEmbedding` (the ``embed`` cache), or None to encode.
+      embeddings: the `EmbeddingSource` of the images (the ``embed`` cache, else the encoder);
+        None encodes every image.
     Returns:
       (trained module, metrics dict).
     """
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    images, counts = prepare_images(model, dataset, cfg, embedding_of)
+    images, counts = prepare_images(model, dataset, cfg, embeddings)
     t_pairs = time.perf_counter() - t0
     train_ids, val_ids = split_images([d.image_id for d in images], cfg.val_fraction, cfg.seed)
     train = [d for d in images if d.image_id in set(train_ids)]
@@ -141,13 +143,10 @@ def run_refine(cfg) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
     dataset = build_dataset(cfg.data.datasets[rcfg.dataset], rcfg.dataset)
-    embedding_of = None
     embed_dir = getattr(getattr(cfg, "embed", None), "out_dir", None)
-    if embed_dir is not None and (Path(embed_dir) / rcfg.dataset / "index.json").is_file():
-        cache = EmbeddingCache(embed_dir, fingerprint=encoder_fingerprint(model))
-        embedding_of = lambda image_id: cache.load(rcfg.dataset, image_id)  # noqa: E731
+    embeddings = EmbeddingSource(embed_dir, SumPredictor(model))
     with stage_run(cfg.tracking, "refine", params={"refine": rcfg}) as tracker:
-        refiner, metrics = fit_refiner(model, dataset, rcfg, embedding_of)
+        refiner, metrics = fit_refiner(model, dataset, rcfg, embeddings)
         save_refiner(refiner, rcfg.out, cfg.model, rcfg, metrics)
         tracker.log_metrics(json_metrics(metrics), step=0)
     return metrics

@@ -4,6 +4,7 @@ the chosen datasets, u (and r) written beside each shard (`sum.uncertainty.maps`
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -16,7 +17,8 @@ from sum.config import UncertaintyConfig
 from sum.data.dataset import build_dataset, select_datasets
 from sum.io import S3Options
 from sum.model.checkpoint import load_model
-from sum.model.embeddings import embedding_source
+from sum.model.embeddings import EmbeddingSource
+from sum.model.predictor import SumPredictor
 from sum.pseudo.store import list_shards, read_shard
 from sum.tracking import json_metrics, stage_run
 from sum.uncertainty.maps import uncertainty_shard, write_uncertainty_shard
@@ -56,7 +58,7 @@ def compute_uncertainty(
 
     Arguments:
       refiner: the trained `RefinementModule`.
-      model: the foundation SAM (its encoder makes embeddings missing from the cache).
+      model: the foundation SAM (its encoder makes the embeddings the cache lacks, `EmbeddingSource`).
       datasets: name -> `SegDataset` of the images the pseudo labels were made on.
       pseudo_dir: the pseudo-label folder.
       cfg: `UncertaintyConfig`.
@@ -65,8 +67,9 @@ def compute_uncertainty(
       name -> {"shards", "masks", "mean_u", "uncertain_fraction_box"}.
     """
     summary = {}
-    for name, ds in datasets.items():
-        embedding_of = embedding_source(model, name, ds, embed_dir)
+    embeddings = EmbeddingSource(embed_dir, SumPredictor(model), datasets=datasets)
+    for name in datasets:
+        embedding_of = functools.partial(embeddings.load, name)
         shards = list_shards(pseudo_dir, name)
         if not shards:
             raise FileNotFoundError(f"{Path(pseudo_dir) / name}: no pseudo-label shards (run `sumseg pseudolabel`)")
