@@ -5,6 +5,7 @@ the table."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace as NS
 
 import numpy as np
@@ -169,3 +170,30 @@ def test_json_and_table_of_a_full_split():
     assert "| NoF@95 | **Overall**, 5 masks | **1** | **1** |" in table
     assert "| p1 | part | 2 |" in table and "| x | entity |" not in table.split("examples")[0]
     assert report_rounds(6) == [1, 3, 5, 6] and report_rounds(3) == [1, 3] and report_rounds(1) == [1]
+
+
+def test_the_comparison_splits_parts_by_scale_and_leaves_examples_out():
+    """sum: +0.1 on every resolvable part target, -0.2 on the sub-resolution one, 0 elsewhere."""
+    from sum.eval.report import compare_to_reference
+
+    base = part_records()
+    other = []
+    for r in part_records("sum"):
+        shift = 0.0 if r.dataset not in ("p1", "p2") else (0.1 if r.resolvable else -0.2)
+        other.append(dataclasses.replace(r, iou=[v + shift for v in r.iou]))
+    ev = NS(reference="", models={"foundation": "", "sum": "x"}, bootstrap=20, ci_level=0.9)
+    deltas = compare_to_reference(base + other, TASKS, ev, examples=["x"])["iou"]["point"]["sum"]
+    assert list(deltas) == ["salient", "part", "part (resolvable)", "part (sub-resolution)", "overall"]
+    # part: p1 (0.1 - 0.2) / 2 = -0.05, p2 +0.1 -> 0.025; resolvable +0.1, sub-resolution -0.2
+    assert [d.delta for d in deltas["part"]] == pytest.approx([0.025, 0.025])
+    assert [d.delta for d in deltas["part (resolvable)"]] == pytest.approx([0.1, 0.1])
+    assert [d.delta for d in deltas["part (sub-resolution)"]] == pytest.approx([-0.2, -0.2])
+    assert deltas["part (resolvable)"][0].n_masks == 3 and deltas["part (sub-resolution)"][0].n_masks == 1
+    assert deltas["overall"][0].n_masks == 5  # the example x is in no comparison
+    # deltas.csv holds the scopes of metrics/eval.json; the split is table.md's
+    from sum.eval.report import delta_rows
+    from sum.eval.tables import delta_table
+
+    full = compare_to_reference(base + other, TASKS, ev, examples=["x"])
+    assert {row[3] for row in delta_rows(full)[1]} == {"salient", "part", "overall"}
+    assert "| part (sub-resolution) | 1 | 1 | \u221220.0 [" in delta_table(full["iou"], "foundation", 0.9, 20)

@@ -12,6 +12,8 @@ TP0_SUFFIX = "@tp0"  # <model>@tp0: task prompt 0 in every round (spec §13 A3)
 PIOU_SUFFIX = "@piou"  # <model>@piou: predicted-IoU selection (what an interactive tool shows)
 NOC_THRESHOLDS = {"noc85": 0.85, "noc90": 0.90, "noc95": 0.95}  # mean clicks to reach the IoU
 NOF_THRESHOLDS = {"nof95": 0.95}  # objects that do not reach the IoU within the budget
+# the part task split by the scale rule (sum.eval.protocol.target_scale): key -> (row label, MaskRecord.resolvable)
+PART_SPLIT = {"resolvable": ("part (resolvable)", True), "sub_resolution": ("part (sub-resolution)", False)}
 
 
 def report_rounds(rounds: int) -> List[int]:

@@ -13,7 +13,7 @@ from typing import Collection, Dict, List, Optional, Sequence
 import numpy as np
 
 from sum.eval.clicker import Click
-from sum.eval.columns import NOC_THRESHOLDS, NOF_THRESHOLDS, noc_budget
+from sum.eval.columns import NOC_THRESHOLDS, NOF_THRESHOLDS, PART_SPLIT, noc_budget
 from sum.eval.metrics import aggregate, aggregate_counts, noc, nof
 from sum.eval.protocol import low_res_cell_px, protocol_rounds, select_targets, simulated_rounds, target_scale
 from sum.eval.scoring import EvalModel, MaskRecord, ProtocolResult, run_protocol
@@ -198,9 +198,6 @@ def _mask_records(
     return records
 
 
-PART_SPLIT = {"resolvable": True, "sub_resolution": False}  # part_resolution row -> MaskRecord.resolvable
-
-
 def summarise(records: Sequence[MaskRecord], dataset_task: Dict[str, str], examples: Collection[str] = ()) -> Dict:
     """Aggregate per-mask scores the paper's way (spec §10.2, `aggregate`), at every reported round.
 
@@ -245,7 +242,7 @@ def summarise(records: Sequence[MaskRecord], dataset_task: Dict[str, str], examp
             if parts:
                 entry["part_resolution"] = {
                     kind: _part_kind(protocol, rounds, {d: [x for x in by_dataset[d] if x.resolvable == flag] for d in parts})
-                    for kind, flag in PART_SPLIT.items()
+                    for kind, (_, flag) in PART_SPLIT.items()
                 }
             out[model][protocol] = entry
     return out

@@ -25,10 +25,12 @@ aggregates) into files, written atomically:
   examples; the best value of a row in bold. Then, for the point protocol, the mean IoU per task
   and band of target size (`sum.eval.tables.size_table`). Last, against the reference model
   (``eval.reference``, default the first of ``eval.models``, the foundation model; ``@piou``
-  columns against its ``@piou``): each other model's mIoU difference per task and overall with an
-  image-bootstrap interval (`sum.eval.stats`), marked where the interval excludes 0.
-- ``<out_dir>/deltas.csv``: those differences for IoU and boundary IoU, every protocol, scope and
-  round (``eval.bootstrap: 0`` leaves out the section and the file).
+  columns against its ``@piou``): each other model's mIoU difference per task (the part split
+  too) and overall with an image-bootstrap interval (`sum.eval.stats`), marked where the interval
+  excludes 0.
+- ``<out_dir>/deltas.csv``: those differences for IoU and boundary IoU, every protocol, scope of
+  the metrics JSON (tasks, overall) and round (``eval.bootstrap: 0`` leaves out the section and
+  the file).
 - ``<out_dir>/panels/<benchmark>.png``: image, ground truth, each model's masks after rounds 1
   and 3 with its clicks (green positive, red negative).
 - ``<out_dir>/per_mask.csv``: one row per target, model and protocol (debugging).
@@ -39,6 +41,7 @@ aggregates) into files, written atomically:
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -47,7 +50,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 from sum.eval.panels import save_panels
-from sum.eval.columns import NOC_THRESHOLDS, NOF_THRESHOLDS, PIOU_SUFFIX, noc_budget, report_rounds
+from sum.eval.columns import NOC_THRESHOLDS, NOF_THRESHOLDS, PART_SPLIT, PIOU_SUFFIX, noc_budget, report_rounds
 from sum.eval.stats import paired_deltas
 from sum.eval.tables import delta_table, markdown_table, size_table
 from sum.io import atomic_write_text
@@ -148,13 +151,15 @@ def _csv_text(header: Sequence, rows: Sequence[Sequence]) -> str:
 
 def delta_rows(deltas_by_metric: Dict[str, Dict[str, Dict[str, Dict[str, list]]]]) -> tuple[List[str], List[List]]:
     """The CSV of every paired difference: one row per metric, protocol, model, scope and round
-    (fractions, 6 decimals)."""
+    (fractions, 6 decimals); the scopes of ``metrics/eval.json`` (tasks and overall), so the part
+    split's rows are in ``table.md`` only."""
+    split = {label for label, _ in PART_SPLIT.values()}
     header = ["metric", "protocol", "model", "scope", "round", "delta", "lo", "hi", "verdict", "images", "masks"]
     rows = []
     for metric, by_protocol in deltas_by_metric.items():
         for protocol, per_model in by_protocol.items():
             for model, scopes in per_model.items():
-                for scope, series in scopes.items():
+                for scope, series in ((s, v) for s, v in scopes.items() if s not in split):
                     for r, d in enumerate(series, start=1):
                         rows.append([metric, protocol, model, scope, r, round(d.delta, 6), round(d.lo, 6),
                                      round(d.hi, 6), d.verdict, d.n_images, d.n_masks])
@@ -193,7 +198,8 @@ def compare_to_reference(records, dataset_task: Dict[str, str], ev, examples: Se
     reference ran; {} when ``eval.bootstrap`` is 0 or only the reference was scored.
 
     The ``<model>@piou`` columns are compared with ``<reference>@piou`` (the same selection), the
-    others with the reference; benchmarks in ``examples`` enter no comparison.
+    others with the reference; benchmarks in ``examples`` enter no comparison. The part task's
+    resolvable and sub-resolution targets are two more scopes after ``part`` (`_with_part_split`).
     """
     reference = reference_model(ev)
     if ev.bootstrap == 0 or not any(r.model != reference for r in records):
@@ -210,8 +216,35 @@ def compare_to_reference(records, dataset_task: Dict[str, str], ev, examples: Se
             merged: Dict = {}
             for ref, recs in groups:
                 if any(r.model == ref and r.protocol == p for r in recs):
-                    merged.update(paired_deltas(recs, pooled, ref, p, metric=metric, samples=ev.bootstrap, level=ev.ci_level))
+                    merged.update(_with_part_split(recs, pooled, ref, p, metric, ev.bootstrap, ev.ci_level))
             out[metric][p] = merged
+    return out
+
+
+def _with_part_split(records, pooled: Dict[str, str], reference: str, protocol: str, metric: str, samples: int,
+                     level: float) -> Dict:
+    """`paired_deltas`, with ``part (resolvable)`` and ``part (sub-resolution)`` after ``part``:
+    the same comparison on the part benchmarks' targets of that kind alone (each benchmark's
+    images that hold such targets redrawn), for kinds that have targets."""
+    out = paired_deltas(records, pooled, reference, protocol, metric=metric, samples=samples, level=level)
+    parts = [d for d, t in pooled.items() if t == "part"]
+    split: Dict[str, Dict] = {}
+    for label, flag in PART_SPLIT.values():
+        kind = []
+        for r in records:
+            if r.protocol == protocol and r.dataset in parts and getattr(r, "resolvable", None) == flag:
+                kind.append(copy.copy(r))
+                kind[-1].dataset = f"{r.dataset} [{label}]"
+        if any(r.model == reference for r in kind):
+            tasks = {f"{d} [{label}]": label for d in parts if any(r.dataset == f"{d} [{label}]" for r in kind)}
+            split[label] = paired_deltas(kind, tasks, reference, protocol, metric=metric, samples=samples, level=level)
+    for model, scopes in out.items():
+        merged = {}
+        for scope, series in scopes.items():
+            merged[scope] = series
+            if scope == "part":
+                merged.update({label: d[model][label] for label, d in split.items() if model in d})
+        out[model] = merged
     return out
 
 

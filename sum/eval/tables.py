@@ -7,7 +7,8 @@ nested dict (model -> protocol -> per-round aggregates) and the per-mask records
   ``mIoU / mBIoU``); for the point protocol NoC@85/90/95 and NoF@95; last, the benchmarks shown as
   examples, outside every mean. In percent; the best value of a row in bold.
 - `size_table`: the mean IoU per task and band of target size (a plain mean over masks).
-- `delta_table`: each model's mIoU difference to the reference with its bootstrap interval.
+- `delta_table`: each model's mIoU difference to the reference with its bootstrap interval, per
+  task (the part split too) and overall.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Collection, Dict, List, Optional
 import numpy as np
 
 from sum.data.masks import area_band, band_labels
-from sum.eval.columns import NOC_THRESHOLDS, NOF_THRESHOLDS, PIOU_SUFFIX, report_rounds
+from sum.eval.columns import NOC_THRESHOLDS, NOF_THRESHOLDS, PART_SPLIT, PIOU_SUFFIX, report_rounds
 
 METRIC_LABEL = {"miou": "mIoU", "mbiou": "mBIoU"}
-PART_ROWS = {"resolvable": "part (resolvable)", "sub_resolution": "part (sub-resolution)"}
+PART_ROWS = {kind: label for kind, (label, _) in PART_SPLIT.items()}
 PROTOCOL_TITLE = {
     "point": "Point prompts: first click at the interior-most point, then one corrective click per round",
     "box": "Box prompt: the tight ground-truth box, then one corrective click per round",
