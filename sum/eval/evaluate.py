@@ -71,8 +71,8 @@ import torch
 from sum.data.dataset import build_dataset
 from sum.eval import report
 from sum.eval.loop import EncoderEmbeddings, evaluate_benchmarks, summarise
-from sum.eval.protocol import check_eval_config, decoder_autocast, example_benchmarks
-from sum.eval.scoring import check_checkpoints, load_eval_models
+from sum.eval.protocol import check_checkpoints, check_eval_config, decoder_autocast, example_benchmarks
+from sum.eval.scoring import load_eval_models
 from sum.io import S3Options, md5_file
 from sum.model.checkpoint import resolve_device
 from sum.tracking import EVAL_MD5_TAG, NullTracker, flatten, start_run

@@ -101,7 +101,8 @@ def evaluate_benchmarks(
     work = work if work is not None else {}
     work.setdefault("decoded_target_rounds", 0)
     panel_protocol = "point" if "point" in ev.protocols else ev.protocols[0]
-    panel_rounds = sorted({1, min(3, protocol_rounds(ev, panel_protocol))})
+    run = _Run(ev, dataset_task, trained_tasks, autocast, timings, work, panel_protocol,
+               sorted({1, min(3, protocol_rounds(ev, panel_protocol))}))
     model0 = models[0].predictor.model
     img_size, cell_px = model0.image_encoder.img_size, low_res_cell_px(model0)
     records: List[MaskRecord] = []
@@ -116,47 +117,67 @@ def evaluate_benchmarks(
             if targets.size == 0:
                 timings["data"] += time.perf_counter() - t0
                 continue
-            gt_khw = sample.masks[targets]
-            scales = [target_scale(g, img_size, cell_px) for g in gt_khw]
+            scales = [target_scale(g, img_size, cell_px) for g in sample.masks[targets]]
             timings["data"] += time.perf_counter() - t0
             panel = None
             if n_panel < ev.n_panels:
-                panel = PanelRow(name, sample.image_id, sample.image, gt_khw, panel_protocol)
+                panel = PanelRow(name, sample.image_id, sample.image, sample.masks[targets], panel_protocol)
                 panels.append(panel)
                 n_panel += 1
             for fingerprint, group in embeddings.groups.items():
                 t0 = time.perf_counter()
                 emb = embeddings.embed(name, sample, fingerprint)
                 timings["embeddings"] += time.perf_counter() - t0
-                done: Dict[tuple, ProtocolResult] = {}  # identical prompting -> identical result
-                for m in group:
-                    m.predictor.set_embedding(emb)
-                    selection = m.selection or ev.selection
-                    for protocol in m.protocols:
-                        rounds = protocol_rounds(ev, protocol)
-                        run_rounds = simulated_rounds(ev, protocol)
-                        tps = m.task_prompts(dataset_task[name], trained_tasks, run_rounds)
-                        key = (id(m.predictor), protocol, tuple(tps), selection)
-                        if key not in done:
-                            keep = panel_rounds if (panel is not None and protocol == panel_protocol) else ()
-                            done[key] = run_protocol(
-                                m.predictor, gt_khw, protocol, run_rounds, selection, tps, keep,
-                                ev.boundary_width, autocast, ev.decoder,
-                                stop_iou=max(NOC_THRESHOLDS.values()), stop_after=rounds,
-                            )
-                            timings["decoder"] += done[key].decoder_s
-                            timings["metrics"] += done[key].metrics_s
-                            work["decoded_target_rounds"] += done[key].decoded
-                        res = done[key]
-                        if panel is not None and protocol == panel_protocol:
-                            panel.masks[m.name] = res.kept
-                            panel.clicks[m.name] = {
-                                r: [c[: res.clicks_at[j, r - 1]] for j, c in enumerate(res.clicks)] for r in res.kept
-                            }
-                        records += _mask_records(
-                            m.name, protocol, name, sample, targets, gt_khw, scales, tps, rounds, noc_budget(ev), res
-                        )
+                records += run.score(group, emb, name, sample, targets, scales, panel)
     return records, panels
+
+
+@dataclass
+class _Run:
+    """What `evaluate_benchmarks` scores every image with."""
+
+    ev: object
+    dataset_task: Dict[str, str]
+    trained_tasks: Collection[str]
+    autocast: object
+    timings: Dict[str, float]
+    work: Dict[str, int]
+    panel_protocol: str
+    panel_rounds: List[int]
+
+    def score(self, group, emb, name: str, sample, targets: np.ndarray, scales, panel) -> List[MaskRecord]:
+        """Every protocol of every model of one encoder group on one image's ``targets``; the
+        panel's masks and clicks filled in when ``panel`` is not None."""
+        ev, records = self.ev, []
+        gt_khw = sample.masks[targets]
+        done: Dict[tuple, ProtocolResult] = {}  # identical prompting -> identical result
+        for m in group:
+            m.predictor.set_embedding(emb)
+            selection = m.selection or ev.selection
+            for protocol in m.protocols:
+                rounds, run_rounds = protocol_rounds(ev, protocol), simulated_rounds(ev, protocol)
+                tps = m.task_prompts(self.dataset_task[name], self.trained_tasks, run_rounds)
+                key = (id(m.predictor), protocol, tuple(tps), selection)
+                shown = panel is not None and protocol == self.panel_protocol
+                if key not in done:
+                    done[key] = run_protocol(
+                        m.predictor, gt_khw, protocol, run_rounds, selection, tps, self.panel_rounds if shown else (),
+                        ev.boundary_width, self.autocast, ev.decoder,
+                        stop_iou=max(NOC_THRESHOLDS.values()), stop_after=rounds,
+                    )
+                    self.timings["decoder"] += done[key].decoder_s
+                    self.timings["metrics"] += done[key].metrics_s
+                    self.work["decoded_target_rounds"] += done[key].decoded
+                res = done[key]
+                if shown:
+                    panel.masks[m.name] = res.kept
+                    panel.clicks[m.name] = {
+                        r: [c[: res.clicks_at[j, r - 1]] for j, c in enumerate(res.clicks)] for r in res.kept
+                    }
+                records += _mask_records(
+                    m.name, protocol, name, sample, targets, gt_khw, scales, tps, rounds, noc_budget(ev), res
+                )
+        return records
 
 
 def _mask_records(

@@ -1,8 +1,8 @@
 """The protocols of the ``evaluate`` stage (spec §10.3) and their settings: the names, the rounds
 of each protocol, the task prompt of each round (spec §13 A3), the target masks of an image and
 the scale rule that sorts parts into resolvable and sub-resolution (spec §13 A8), the benchmarks
-shown as examples, the decoder's autocast, and the check of the ``eval`` config against the
-datasets.
+shown as examples, the decoder's autocast, and the checks of the ``eval`` config against the
+datasets and the checkpoints.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Collection, Dict, List, Mapping, Tuple
 
 import cv2
@@ -74,6 +75,24 @@ def check_eval_config(ev, datasets: Dict[str, object]) -> List[str]:
         if datasets[n].task not in TASK_IDS:
             raise ValueError(f"data.datasets.{n}.task={datasets[n].task!r}: expected one of {sorted(TASK_IDS)}")
     return names
+
+
+def _is_remote(uri: str) -> bool:
+    return "://" in uri
+
+
+def check_checkpoints(models: Dict[str, str]) -> None:
+    """Fail before any work when a local checkpoint of ``eval.models`` is missing.
+
+    Raises:
+      FileNotFoundError: naming ``eval.models.<name>`` and the path.
+    """
+    for name, uri in models.items():
+        if uri and not _is_remote(str(uri)) and not Path(uri).is_file():
+            raise FileNotFoundError(
+                f"eval.models.{name}: checkpoint {uri} not found (train it with `sumseg finetune`, "
+                f"point eval.models.{name} at another file, or drop the model with ~eval.models.{name})"
+            )
 
 
 def protocol_rounds(ev, protocol: str) -> int:

@@ -49,8 +49,8 @@ import re
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from sum.eval.panels import save_panels
 from sum.eval.columns import NOC_THRESHOLDS, NOF_THRESHOLDS, PART_SPLIT, PIOU_SUFFIX, noc_budget, report_rounds
+from sum.eval.panels import save_panels
 from sum.eval.stats import paired_deltas
 from sum.eval.tables import delta_table, markdown_table, size_table
 from sum.io import atomic_write_text

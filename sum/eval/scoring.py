@@ -11,7 +11,6 @@ import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Collection, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -19,9 +18,9 @@ import torch
 
 from sum.data.formats import masks_to_boxes
 from sum.eval.clicker import Click, boundary_click, first_click, next_click
-from sum.eval.metrics import boundary_iou, mask_iou_batch
 from sum.eval.columns import PIOU_SUFFIX, TP0_SUFFIX
-from sum.eval.protocol import PROTOCOLS, SELECTIONS, task_prompts
+from sum.eval.metrics import boundary_iou, mask_iou_batch
+from sum.eval.protocol import PROTOCOLS, SELECTIONS, check_checkpoints, task_prompts
 from sum.model.checkpoint import CheckpointError, load_model, read_checkpoint
 from sum.model.decoder import decode
 from sum.model.predictor import SumPredictor
@@ -66,24 +65,6 @@ class EvalModel:
         if self.force_tp0:
             return [0] * rounds
         return task_prompts(benchmark_task, trained_tasks, rounds, self.use_task_prompt, self.continuous_task_prompt)
-
-
-def _is_remote(uri: str) -> bool:
-    return "://" in uri
-
-
-def check_checkpoints(models: Dict[str, str]) -> None:
-    """Fail before any work when a local checkpoint of ``eval.models`` is missing.
-
-    Raises:
-      FileNotFoundError: naming ``eval.models.<name>`` and the path.
-    """
-    for name, uri in models.items():
-        if uri and not _is_remote(str(uri)) and not Path(uri).is_file():
-            raise FileNotFoundError(
-                f"eval.models.{name}: checkpoint {uri} not found (train it with `sumseg finetune`, "
-                f"point eval.models.{name} at another file, or drop the model with ~eval.models.{name})"
-            )
 
 
 def load_eval_models(cfg, s3=None) -> List[EvalModel]:
@@ -259,11 +240,8 @@ def run_protocol(
       boundary_width: band width of the boundary click (px).
       autocast: the decoder's autocast context (`decoder_autocast`).
       decoder: ``fast`` or ``exact`` (`predict_round`).
-      stop_iou, stop_after: the NoC clicks beyond the ``stop_after`` reported rounds: after round
-        ``stop_after`` a target whose IoU is >= ``stop_iou`` gets no further click and its last
-        scores stand, as for a target with no error left (once IoU 0.95 is reached, NoC@85/90/95
-        and NoF@95 are known), and boundary IoU is no longer computed (NaN). ``stop_iou`` None:
-        every target runs every round it has an error; ``stop_after`` 0: boundary IoU everywhere.
+      stop_iou, stop_after: the NoC rounds past the ``stop_after`` reported ones (`_next_clicks`);
+        there boundary IoU is not computed (NaN). ``stop_after`` 0: every round is reported.
 
     Returns:
       `ProtocolResult`.
@@ -280,13 +258,7 @@ def run_protocol(
         raise ValueError(f"task_prompt_ids has {len(tps)} ids for {rounds} rounds")
     res = ProtocolResult(np.zeros((k, rounds)), np.zeros((k, rounds)), [[] for _ in range(k)], np.zeros((k, rounds), np.int64))
     t0 = time.perf_counter()
-    boxes_k4 = None
-    if protocol == "box":
-        boxes_k4 = masks_to_boxes(gt_khw)  # tight, no jitter (spec §10.3)
-    elif protocol == "point":
-        res.clicks = [[first_click(g)] for g in gt_khw]
-    else:
-        res.clicks = [[boundary_click(g, width=boundary_width)] for g in gt_khw]
+    boxes_k4, res.clicks = _first_prompts(gt_khw, protocol, boundary_width)
     res.metrics_s += time.perf_counter() - t0
 
     active = np.ones(k, bool)
@@ -295,17 +267,9 @@ def run_protocol(
     for r in range(rounds):
         t0 = time.perf_counter()
         if r > 0:
-            if stop_iou is not None and r >= stop_after:
-                active &= res.iou[:, r - 1] < stop_iou
-            for i in np.flatnonzero(active):
-                c = next_click(gt_khw[i], pred_khw[i], res.clicks[i])
-                if c is None:
-                    active[i] = False  # nothing left to correct: last scores stand
-                else:
-                    res.clicks[i].append(c)
-        res.clicks_at[:, r] = [len(c) for c in res.clicks]
-        if r > 0:
+            _next_clicks(gt_khw, pred_khw, res, active, r, stop_iou if r >= stop_after else None)
             res.iou[:, r], res.biou[:, r] = res.iou[:, r - 1], res.biou[:, r - 1]
+        res.clicks_at[:, r] = [len(c) for c in res.clicks]
         idx = np.flatnonzero(active)
         res.metrics_s += time.perf_counter() - t0
         if idx.size:
@@ -318,6 +282,30 @@ def run_protocol(
     if stop_after > 0:
         res.biou[:, stop_after:] = np.nan
     return res
+
+
+def _next_clicks(gt_khw, pred_khw, res: ProtocolResult, active: np.ndarray, r: int, stop_iou: Optional[float]) -> None:
+    """Round ``r``'s corrective click of every active target, in place. A target with no error
+    left, or (``stop_iou``) whose IoU has reached ``stop_iou``, gets none and turns inactive: its
+    last scores stand (once IoU 0.95 is reached, NoC@85/90/95 and NoF@95 are known)."""
+    if stop_iou is not None:
+        active &= res.iou[:, r - 1] < stop_iou
+    for i in np.flatnonzero(active):
+        c = next_click(gt_khw[i], pred_khw[i], res.clicks[i])
+        if c is None:
+            active[i] = False
+        else:
+            res.clicks[i].append(c)
+
+
+def _first_prompts(gt_khw: np.ndarray, protocol: str, boundary_width: int):
+    """Round 1's prompts of spec §10.3: the tight boxes (no jitter) and no click, or one click per
+    target (interior-most point, or the boundary's 'median' point)."""
+    if protocol == "box":
+        return masks_to_boxes(gt_khw), [[] for _ in gt_khw]
+    if protocol == "point":
+        return None, [[first_click(g)] for g in gt_khw]
+    return None, [[boundary_click(g, width=boundary_width)] for g in gt_khw]
 
 
 def _decode_round(
