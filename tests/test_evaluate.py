@@ -21,6 +21,7 @@ from sum.data.dataset import CocoDataset
 from sum.data.formats import masks_to_boxes
 from sum.eval import scoring as ev_mod
 from sum.eval.clicker import first_click, next_click
+from sum.eval.metrics import noc
 from sum.data.masks import area_band
 from sum.eval.evaluate import run_evaluate
 from sum.eval.protocol import select_targets, task_prompts
@@ -172,7 +173,8 @@ def test_run_writes_all_outputs_and_they_agree(run):
     assert list(metrics) == ["foundation", "vanilla", "sum", "sum@tp0", "full_ft", "full_ft@tp0"]
     assert set(metrics["sum"]) == {"point", "box", "boundary"} and set(metrics["sum@tp0"]) == {"point"}
     point = metrics["sum"]["point"]
-    assert set(point["overall"]) == {"miou_1", "miou_3", "mbiou_1", "mbiou_3", "noc85", "noc90"}
+    # NoC@95 joined NoC@85 / 90 (issue 19): the reported metric set grew deliberately
+    assert set(point["overall"]) == {"miou_1", "miou_3", "mbiou_1", "mbiou_3", "noc85", "noc90", "noc95"}
     assert set(metrics["sum"]["box"]["overall"]) == {"miou_1", "miou_2", "mbiou_1", "mbiou_2"}
     assert set(point["tasks"]) == {"salient", "part"} and set(point["datasets"]) == {"b_salient", "b_part"}
 
@@ -414,14 +416,117 @@ def test_boundary_protocol_is_one_round(predictor_and_sample):
     assert res.iou.shape == (len(gt), 1) and all(len(c) == 1 for c in res.clicks)
 
 
-def test_select_targets_skips_empty_and_spreads_over_sizes():
+def test_select_targets_skips_empty_and_draws_by_image():
     masks = np.zeros((7, 10, 10), bool)
     for i, area in enumerate([5, 0, 30, 12, 1, 0, 20]):
         masks[i].flat[:area] = True
     np.testing.assert_array_equal(select_targets(masks, 0), [2, 6, 3, 0, 4])
-    np.testing.assert_array_equal(select_targets(masks, 3), [2, 3, 4])  # largest, middle, smallest
     np.testing.assert_array_equal(select_targets(masks, 9), [2, 6, 3, 0, 4])
     assert select_targets(np.zeros((2, 4, 4), bool), 3).size == 0
+    # the rule changed (issue 19): n of the non-empty masks drawn uniformly, keyed by the image id
+    # and the seed, by decreasing area; no longer always the largest and the smallest
+    draws = {key: tuple(select_targets(masks, 3, key)) for key in map(str, range(40))}
+    assert all(len(d) == 3 and set(d) <= {2, 6, 3, 0, 4} and list(d) == sorted(d, key=lambda i: -masks[i].sum())
+               for d in draws.values())
+    assert select_targets(masks, 3, "7").tolist() == list(draws["7"])  # the same image, the same draw
+    assert len(set(draws.values())) > 3 and any(4 not in d for d in draws.values()) and any(2 not in d for d in draws.values())
+    assert tuple(select_targets(masks, 3, "7", seed=1)) != draws["7"] or tuple(select_targets(masks, 3, "8", seed=1)) != draws["8"]
+    # uniform: each of the 5 masks is drawn with probability 3/5
+    counts = np.bincount(np.concatenate([select_targets(masks, 3, f"img{i}") for i in range(2000)]), minlength=7)
+    np.testing.assert_allclose(counts[[2, 6, 3, 0, 4]] / 2000, 0.6, atol=0.04)
+
+
+def test_predicted_iou_selection_is_sampredictors_highest_scoring_output(world, tmp_path, exact_distances):
+    """``predicted_iou``: for a single prompt, the output ``SamPredictor`` scores highest (what an
+    interactive tool shows); for multi-prompt rounds the one output, fed the chosen output's
+    low-res logits. Checked against segment_anything's own ``SamPredictor`` on the same weights."""
+    from conftest import stock_sam
+    from segment_anything import SamPredictor
+
+    from sum.model.checkpoint import load_model
+
+    _, data, _ = world
+    torch.manual_seed(3)
+    stock = stock_sam(tiny_model_cfg()).eval()
+    path = tmp_path / "sam_tiny.pth"
+    torch.save(stock.state_dict(), path)
+    ours = SumPredictor(load_model(tiny_model_cfg(), path))
+    sample = CocoDataset(data["b_part"].images, data["b_part"].annotations, task="part")[0]
+    gt = sample.masks[select_targets(sample.masks, 4, sample.image_id)]
+    ours.set_image(sample.image)
+    ref = SamPredictor(stock)
+    ref.set_image(sample.image)
+    res = run_protocol(ours, gt, "point", 2, "predicted_iou", keep_rounds=[1, 2], decoder="exact")
+    oracle = run_protocol(ours, gt, "point", 1, "oracle")
+    for k in range(len(gt)):
+        c = first_click(gt[k])
+        masks, scores, low = ref.predict(np.array([[c.x, c.y]], np.float32), np.array([1]), multimask_output=True)
+        j = int(np.argmax(scores))
+        assert (res.kept[1][k] != masks[j]).mean() < 1e-3
+        assert res.iou[k, 0] == pytest.approx(coco_iou(masks[j], gt[k]), abs=2e-3)
+        assert res.iou[k, 0] <= oracle.iou[k, 0] + 1e-9  # the oracle is the best of the three
+        clicks = res.clicks[k]
+        assert clicks[1] == next_click(gt[k], masks[j], clicks[:1])
+        two, _, _ = ref.predict(np.array([[p.x, p.y] for p in clicks], np.float32), np.array([p.label for p in clicks]),
+                                mask_input=low[j][None], multimask_output=False)
+        assert (res.kept[2][k] != two[0]).mean() < 1e-3
+
+
+def test_noc_clicks_past_the_reported_rounds_stop_once_the_iou_is_reached(predictor_and_sample):
+    """``stop_iou`` / ``stop_after`` (the NoC clicks beyond ``eval.rounds``) change neither the
+    reported rounds nor any NoC at or below the stopping IoU."""
+    predictor, gt = predictor_and_sample
+    full = run_protocol(predictor, gt, "point", 8, "oracle")
+    stop = float(np.median(full.iou[:, 2:]))  # an IoU that some targets reach after round 2
+    cut = run_protocol(predictor, gt, "point", 8, "oracle", stop_iou=stop, stop_after=2)
+    np.testing.assert_array_equal(cut.iou[:, :2], full.iou[:, :2])
+    for k in range(len(gt)):
+        for thr in {stop, 0.5 * stop, *[float(v) for v in full.iou[k] if 0 < v <= stop]}:
+            assert noc(cut.iou[k], thr, 8) == noc(full.iou[k], thr, 8)
+    assert sum(len(c) for c in cut.clicks) < sum(len(c) for c in full.clicks)
+
+
+def test_examples_piou_columns_noc_budget_and_part_split_in_a_run(world, tmp_path):
+    """A run with ``eval.min_images=3`` (the 2-image part benchmark becomes an example), the @piou
+    variants and a NoC budget past the reported rounds."""
+    root, data, ckpts = world
+    cfg = make_cfg(tmp_path, data, models={"foundation": "", "sum": str(ckpts["sum"])}, protocols=["point", "box"],
+                   rounds=2, box_rounds=1, noc_max_clicks=4, predicted_iou=["point"], min_images=3, task_prompt_zero=[])
+    metrics = run_evaluate(cfg)
+    assert list(metrics) == ["foundation", "foundation@piou", "sum", "sum@piou"]
+    assert set(metrics["sum@piou"]) == {"point"}
+    point = metrics["sum"]["point"]
+    assert set(point["overall"]) == {"miou_1", "miou_2", "mbiou_1", "mbiou_2", "noc85", "noc90", "noc95"}
+    # b_part (2 images) is an example: in no task, no overall, no comparison, no part split
+    assert set(point["datasets"]) == {"b_salient"} and set(point["examples"]) == {"b_part"}
+    assert set(point["tasks"]) == {"salient"} and "part_resolution" not in point
+    assert point["overall"] == {k: v for k, v in point["datasets"]["b_salient"].items() if k in point["overall"]}
+    rows = read_csv(Path(cfg.eval.out_dir) / "per_mask.csv")
+    mine = [r for r in rows if (r["model"], r["protocol"], r["dataset"]) == ("sum", "point", "b_salient")]
+    assert all(1 <= int(r["noc95"]) <= 4 and r["nof95"] in ("0", "1") for r in mine)
+    assert all((r["nof95"] == "1") <= (r["noc95"] == "4") for r in mine)  # a failure spent the budget
+    assert point["nof95"]["overall"] == sum(int(r["nof95"]) for r in mine)
+    assert point["overall"]["noc85"] == pytest.approx(np.mean([int(r["noc85"]) for r in mine]), abs=1e-4)
+    # the piou column differs from the oracle only by its pick: never above it after one click
+    assert metrics["sum@piou"]["point"]["overall"]["miou_1"] <= point["overall"]["miou_1"] + 1e-9
+    deltas = read_csv(Path(cfg.eval.out_dir) / "deltas.csv")
+    assert {d["model"] for d in deltas} == {"sum", "sum@piou"} and {d["scope"] for d in deltas} == {"salient", "overall"}
+    for d in (d for d in deltas if d["metric"] == "iou" and d["round"] == "1" and d["protocol"] == "point"):
+        ref = "foundation@piou" if d["model"].endswith("@piou") else "foundation"
+        want = metrics[d["model"]]["point"]["overall"]["miou_1"] - metrics[ref]["point"]["overall"]["miou_1"]
+        assert float(d["delta"]) == pytest.approx(want, abs=2e-4)
+    table = (Path(cfg.eval.out_dir) / "table.md").read_text()
+    assert "### point, examples (outside the means)" in table and "| b_part | part | " in table
+    assert "### point, NoC and NoF (4-click budget)" in table and "| NoF@95 | **Overall**" in table
+    info = json.loads((Path(cfg.eval.out_dir) / "run.json").read_text())
+    assert info["benchmarks"]["b_part"]["example"] and not info["benchmarks"]["b_salient"]["example"]
+    assert info["models"]["sum@piou"]["selection"] == "predicted_iou"
+    # with the part benchmark in the means, the part split is there, both rows, with every part target
+    cfg = make_cfg(tmp_path / "all", data, models={"foundation": ""}, protocols=["boundary"])
+    metrics = run_evaluate(cfg)
+    split = metrics["foundation"]["boundary"]["part_resolution"]
+    assert set(split) == {"resolvable", "sub_resolution"}
+    assert split["resolvable"]["n_masks"] + split["sub_resolution"]["n_masks"] == metrics["foundation"]["boundary"]["n_masks"]["tasks"]["part"]
 
 
 # ---- errors -------------------------------------------------------------------------------------
@@ -451,6 +556,11 @@ def test_missing_checkpoint_names_the_key(world, tmp_path):
         ("reference", "nope", r"eval\.reference='nope'"),
         ("bootstrap", -1, r"eval\.bootstrap=-1"),
         ("ci_level", 1.0, r"eval\.ci_level=1\.0"),
+        ("predicted_iou", ["all"], r"eval\.predicted_iou"),
+        ("noc_max_clicks", -1, r"eval\.noc_max_clicks=-1"),
+        ("min_images", 0, r"eval\.min_images=0"),
+        ("min_images", 9, r"eval\.min_images=9: every benchmark"),
+        ("target_seed", -1, r"eval\.target_seed=-1"),
     ],
 )
 def test_bad_eval_config_names_the_key(world, tmp_path, field, value, match):

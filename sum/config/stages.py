@@ -237,12 +237,16 @@ class EvalConfig:
     models: Dict[str, str] = field(default_factory=dict)  # name -> checkpoint; see params/eval/default.yaml
     datasets: List[str] = field(default_factory=list)  # names in data.datasets; empty = every benchmark
     protocols: List[str] = field(default_factory=lambda: ["point", "box", "boundary"])  # spec §10.3
-    rounds: int = 6  # point protocol: clicks, prompts accumulating (spec §10.3)
-    box_rounds: int = 3  # box protocol: the tight box, then box_rounds - 1 clicks (paper: 6)
-    selection: str = "oracle"  # oracle (best of 3 outputs for a single prompt) | token0 (one output)
+    rounds: int = 6  # point protocol: clicks reported as mIoU, prompts accumulating (spec §10.3)
+    noc_max_clicks: int = 0  # point protocol: clicks simulated for NoC@85/90/95 and NoF@95 (RITM: 20); 0 = rounds
+    box_rounds: int = 1  # box protocol: the tight box, then box_rounds - 1 clicks (paper: 6)
+    selection: str = "oracle"  # oracle (best of 3 outputs for a single prompt) | token0 (one output) | predicted_iou
+    predicted_iou: List[str] = field(default_factory=list)  # protocols with <model>@piou (predicted-IoU pick)
     task_prompt_zero: List[str] = field(default_factory=lambda: ["point"])  # protocols with <model>@tp0 (A3)
-    max_images: int = 4  # per benchmark, first in dataset order; 0 = all
-    max_masks_per_image: int = 3  # non-empty masks spread over the area ranking; 0 = all
+    max_images: int = 0  # per benchmark, first in dataset order; 0 = all
+    max_masks_per_image: int = 6  # non-empty masks drawn per image, seeded by the image id; 0 = all
+    target_seed: int = 0  # seed of that draw (sum.eval.protocol.select_targets)
+    min_images: int = 2  # benchmarks with fewer images are examples: listed apart, outside task and overall means
     boundary_width: int = 10  # px band of the boundary protocol's click (spec §10.3)
     decoder: str = "fast"  # fast (folded, ~2x) | exact (SAM's MaskDecoder); see sum.eval.evaluate
     precision: str = "fp32"  # decoder autocast: fp32 | bf16 (1.4x faster on CPU, moves benchmark means by up to 0.05)

@@ -6,7 +6,10 @@ masks and scores every round with IoU and boundary IoU at the original resolutio
 
 - ``point``: a positive click at the ground truth's interior-most point (`first_click`), then one
   corrective click per round at the interior-most point of the larger error (`next_click`, pixels
-  already clicked excluded), ``eval.rounds`` rounds in all (NoC@85 / NoC@90 come from these);
+  already clicked excluded); mIoU after ``eval.rounds`` clicks (reported after 1, 3, 5 and the
+  last), and NoC@85 / 90 / 95 and NoF@95 over ``eval.noc_max_clicks`` clicks (RITM's 20,
+  `sum.eval.metrics.noc` / `nof`); beyond ``eval.rounds`` a target that has reached IoU 0.95 gets
+  no further click, which leaves every NoC and NoF as they would be;
 - ``box``: the tight ground-truth box, no jitter, then corrective clicks with the box kept,
   ``eval.box_rounds`` rounds in all;
 - ``boundary``: one click at the 'median' boundary point (`boundary_click`, Tab. 5), one round.
@@ -15,9 +18,12 @@ Every round's prompts are the accumulated prompts of the mask, the mask input is
 round's low-res logits of the selected output (spec §10.3 [REC]), and the output is selected as
 ``eval.selection`` says: ``oracle`` takes, when a round has a single prompt (first click, box
 alone, boundary click), the output of three closest to the ground truth (highest IoU) and the one
+output of multi-prompt rounds; ``predicted_iou`` takes there the output of highest predicted IoU
+(``SamPredictor``'s ``scores``: what an interactive tool shows, no ground truth used) and the one
 output of multi-prompt rounds; ``token0`` asks for one output (``multimask_output=False``)
-everywhere. A mask whose prediction has no error left gets no further click: its last scores
-stand for the remaining rounds.
+everywhere. ``<name>@piou`` is each model with ``predicted_iou`` selection, on the protocols of
+``eval.predicted_iou``, reported beside the oracle columns. A mask whose prediction has no error
+left gets no further click: its last scores stand for the remaining rounds.
 
 Task prompt at test time (spec §13 A3, `task_prompts`): a model whose method trains task prompts
 (``meta.method`` of its checkpoint, `resolve_method`) gets, in round 1 only, the id of the
@@ -25,8 +31,13 @@ benchmark's task when that task is among the labeled datasets' tasks, else 0; ``
 the same model with id 0 everywhere (on the protocols of ``eval.task_prompt_zero``).
 
 Targets (spec §13 A8): the non-empty masks of an image; with ``eval.max_masks_per_image`` = n,
-n masks spread evenly over the image's masks ranked by area (largest, smallest and between), so
-that a capped run scores small and large masks alike (`select_targets`).
+n of them drawn uniformly without replacement, seeded by ``eval.target_seed`` and the image id
+(`select_targets`): fixed by the image, the same for every model, no size forced in. Each target
+carries the model's scale rule (`target_scale`): sub-resolution when narrower than one low-res
+cell at the model's input scale (4 px at 1024) or under 0.1% of the image, from its ground truth
+alone; the part task is also reported split by it. Benchmarks whose dataset holds fewer than
+``eval.min_images`` images are examples (`example_benchmarks`): scored and listed apart, outside
+every task and overall mean and every comparison.
 
 Speed: an image's embedding is read from the `EmbeddingCache` when the cache was made by the
 model's encoder (`encoder_fingerprint`; decoder-mode fine-tunes share the foundation encoder),
@@ -60,8 +71,8 @@ import torch
 from sum.data.skipped import left_out, open_dataset
 from sum.eval import report
 from sum.eval.loop import EncoderEmbeddings, evaluate_benchmarks, summarise
-from sum.eval.protocol import check_eval_config, decoder_autocast
-from sum.eval.scoring import check_checkpoints, load_eval_models
+from sum.eval.protocol import check_checkpoints, check_eval_config, decoder_autocast, example_benchmarks
+from sum.eval.scoring import load_eval_models
 from sum.io import S3Options, md5_file, redact, remove_temporaries
 from sum.model.checkpoint import resolve_device
 from sum.tracking import EVAL_MD5_TAG, NullTracker, flatten, start_run
@@ -105,6 +116,7 @@ def _run_evaluate(cfg, names: List[str]) -> Dict:
         remove_temporaries(path)  # of a killed run, so that the outputs are this run's alone
     autocast_ctx = decoder_autocast(ev.precision, resolve_device(cfg.model.device))
     timings: Dict[str, float] = {}
+    work: Dict[str, int] = {}
 
     t0 = time.perf_counter()
     models = load_eval_models(cfg, s3=S3Options.from_config(cfg.storage.s3))
@@ -112,6 +124,7 @@ def _run_evaluate(cfg, names: List[str]) -> Dict:
     dataset_task = {n: cfg.data.datasets[n].task for n in names}
     trained_tasks = sorted({d.task for d in cfg.data.datasets.values() if d.role == "labeled"})
     benchmarks = {n: CountedBenchmark(open_dataset(cfg.data, n)) for n in names}
+    examples = example_benchmarks({n: len(ds) for n, ds in benchmarks.items()}, ev.min_images)
     embeddings = EncoderEmbeddings(cfg.embed.out_dir, models)
 
     tracker = NullTracker() if not cfg.tracking.enabled else start_run(
@@ -130,19 +143,20 @@ def _run_evaluate(cfg, names: List[str]) -> Dict:
         }
         tracker.log_params({report.mlflow_key(k): v for k, v in params.items()})
         records, panels = evaluate_benchmarks(
-            models, benchmarks, dataset_task, trained_tasks, ev, embeddings, autocast_ctx, timings
+            models, benchmarks, dataset_task, trained_tasks, ev, embeddings, autocast_ctx, timings, work
         )
         if not records:
             raise ValueError(f"eval.datasets: no non-empty target mask in {names}")
-        summary = summarise(records, dataset_task)
+        summary = summarise(records, dataset_task, examples)
         t0 = time.perf_counter()
-        metrics = report.metrics_json(summary, dataset_task)
-        info = _run_info(cfg, models, names, dataset_task, trained_tasks, records, summary, embeddings)
+        metrics = report.metrics_json(summary, dataset_task, examples)
+        info = _run_info(cfg, models, benchmarks, dataset_task, trained_tasks, records, summary, embeddings, examples)
         _report_left_out(info, benchmarks)
-        paths = report.write_outputs(cfg, summary, metrics, records, panels, dataset_task, info)
+        paths = report.write_outputs(cfg, summary, metrics, records, panels, dataset_task, info, examples)
         timings["outputs"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         info["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
+        info["work"] = dict(work)
         report.write_run_json(paths["run"], redact(info))  # no checkpoint URI's signature in a file
         log.info("evaluate: %s", ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
         log.info("evaluate: table %s, curves %s/, panels %s/, metrics %s",
@@ -190,8 +204,10 @@ def _report_left_out(info: Dict, benchmarks: Dict[str, CountedBenchmark]) -> Non
                         bench.dataset.source, entry["left_out"]["images"], entry["left_out"]["problems"], bench.empty_masks)
 
 
-def _run_info(cfg, models, names, dataset_task, trained_tasks, records, summary, embeddings) -> Dict:
+def _run_info(cfg, models, benchmarks, dataset_task, trained_tasks, records, summary, embeddings, examples) -> Dict:
     """``run.json``'s content but the timings: models, benchmarks, trained tasks, embeddings, ``eval``."""
+    names = list(benchmarks)
+    first = [r for r in records if (r.model, r.protocol) == (models[0].name, models[0].protocols[0])]
     return {
         "models": {
             m.name: {
@@ -200,14 +216,18 @@ def _run_info(cfg, models, names, dataset_task, trained_tasks, records, summary,
                 "task_prompt_round1": {n: m.task_prompts(dataset_task[n], trained_tasks, 1)[0] for n in names},
                 "encoder_fingerprint": m.fingerprint,
                 "protocols": m.protocols,
+                "selection": m.selection or cfg.eval.selection,
             }
             for m in models
         },
         "benchmarks": {
             n: {
                 "task": dataset_task[n],
+                "images": len(benchmarks[n]),
+                "example": n in examples,
                 "images_evaluated": len({r.image_id for r in records if r.dataset == n}),
                 "masks_evaluated": summary[models[0].name][models[0].protocols[0]]["n_masks"].get(n, 0),
+                "sub_resolution_masks": sum(1 for r in first if r.dataset == n and not r.resolvable),
             }
             for n in names
         },

@@ -1,4 +1,4 @@
-"""Mask IoU, boundary IoU, NoC and the benchmark aggregation of spec §10.2.
+"""Mask IoU, boundary IoU, NoC, NoF and the benchmark aggregation of spec §10.2.
 
 All functions are pure and work on numpy arrays (metrics) or plain dicts/lists (aggregation).
 Masks are binary: any non-zero value counts as foreground. Scores are fractions in [0, 1];
@@ -11,13 +11,19 @@ Conventions fixed here (spec §10.2 and §13 A8 leave them open):
   prediction as IoU 0"; it never inflates a score. The protocol skips empty ground-truth masks
   before scoring (spec §10.2, §13 A8), so the case only arises when a caller forgets to.
 - **Aggregation.** Per dataset: mean over masks. Per task: mean of the dataset means. Overall:
-  mean of all dataset means, *not* the mean of the task means (spec §10.2).
+  mean of all dataset means, *not* the mean of the task means (spec §10.2). Datasets named as
+  examples (benchmarks of too few images) keep their own mean but enter no task and no overall.
+- **NoC / NoF** follow RITM (Sofiiuk et al., ``isegm.inference.utils.compute_noc_metric``): NoC
+  is the first click whose IoU reaches the threshold (``>=``), the click budget (20) when none
+  does; NoF counts the objects that do not reach it within the budget (f-BRS / RITM). RITM's code
+  counts the objects whose NoC equals the budget, which also takes in an object that reaches the
+  threshold exactly at the last click; here that object is not a failure, as the definition says.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -30,10 +36,12 @@ __all__ = [
     "mask_to_boundary",
     "boundary_iou",
     "noc",
+    "nof",
     "dataset_mean",
     "task_means",
     "overall_mean",
     "aggregate",
+    "aggregate_counts",
 ]
 
 
@@ -131,6 +139,20 @@ def noc(ious_per_round: Sequence[float], threshold: float, max_clicks: int | Non
     return int(np.argmax(reached)) + 1 if reached.any() else budget
 
 
+def nof(ious_per_round: Sequence[float], threshold: float, max_clicks: int | None = None) -> int:
+    """Number of Failures of one object (NoF@95 when summed; RITM): 1 when no round within the
+    budget reaches ``threshold`` (IoU ``>=``), else 0. Arguments as `noc`."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"NoF threshold {threshold}: expected an IoU fraction in (0, 1], e.g. 0.95")
+    ious = np.asarray(ious_per_round, dtype=np.float64).reshape(-1)
+    if ious.size == 0:
+        raise ValueError("NoF of an empty IoU sequence: expected one IoU per round")
+    budget = ious.size if max_clicks is None else int(max_clicks)
+    if budget < 1:
+        raise ValueError(f"max_clicks {max_clicks}: expected >= 1")
+    return int(not (ious[:budget] >= threshold).any())
+
+
 def dataset_mean(per_mask: Sequence[float]) -> float:
     """Score of one benchmark: the mean over all its evaluated masks (spec §10.2)."""
     values = np.asarray(per_mask, dtype=np.float64).reshape(-1)
@@ -164,20 +186,46 @@ def overall_mean(dataset_means: Mapping[str, float]) -> float:
     return float(np.mean([float(v) for v in dataset_means.values()]))
 
 
-def aggregate(per_mask: Mapping[str, Sequence[float]], dataset_task: Mapping[str, str]) -> dict:
+def aggregate(
+    per_mask: Mapping[str, Sequence[float]], dataset_task: Mapping[str, str], examples: Collection[str] = ()
+) -> dict:
     """Per-dataset, per-task and overall means of a per-mask metric (spec §10.2).
 
     Arguments:
       per_mask: benchmark name -> per-mask scores (IoU, boundary IoU or NoC) of that benchmark.
       dataset_task: benchmark name -> task name.
+      examples: benchmarks that keep their own mean but enter no task and no overall mean.
 
     Returns:
       ``{"datasets": {name: mean}, "tasks": {task: mean of dataset means},
-      "overall": mean of dataset means}``.
+      "overall": mean of dataset means}``; ``datasets`` holds the examples too.
     """
     datasets = {}
     for name, values in per_mask.items():
         if len(values) == 0:
             raise ValueError(f"dataset {name!r}: no evaluated masks")
         datasets[name] = dataset_mean(values)
-    return {"datasets": datasets, "tasks": task_means(datasets, dataset_task), "overall": overall_mean(datasets)}
+    pooled = {n: v for n, v in datasets.items() if n not in set(examples)}
+    return {"datasets": datasets, "tasks": task_means(pooled, dataset_task), "overall": overall_mean(pooled)}
+
+
+def aggregate_counts(
+    per_mask: Mapping[str, Sequence[int]], dataset_task: Mapping[str, str], examples: Collection[str] = ()
+) -> dict:
+    """Per-dataset, per-task and overall sums of a per-mask count (NoF: 1 per failed object).
+
+    Arguments as `aggregate`; a count adds up over masks, so tasks and overall are sums over the
+    masks of their (non-example) benchmarks, not means.
+
+    Returns:
+      ``{"datasets": {name: sum}, "tasks": {task: sum}, "overall": sum}``.
+    """
+    datasets = {name: int(np.sum(values, dtype=np.int64)) for name, values in per_mask.items()}
+    tasks: dict[str, int] = {}
+    for name, value in datasets.items():
+        if name in set(examples):
+            continue
+        if name not in dataset_task:
+            raise ValueError(f"dataset {name!r} has no task in dataset_task (known: {sorted(dataset_task)})")
+        tasks[dataset_task[name]] = tasks.get(dataset_task[name], 0) + value
+    return {"datasets": datasets, "tasks": tasks, "overall": sum(tasks.values())}

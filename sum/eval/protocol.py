@@ -1,26 +1,34 @@
 """The protocols of the ``evaluate`` stage (spec §10.3) and their settings: the names, the rounds
-of each protocol, the task prompt of each round (spec §13 A3), the target masks of an image
-(spec §13 A8), the decoder's autocast, and the check of the ``eval`` config against the datasets.
+of each protocol, the task prompt of each round (spec §13 A3), the target masks of an image and
+the scale rule that sorts parts into resolvable and sub-resolution (spec §13 A8), the benchmarks
+shown as examples, the decoder's autocast, and the checks of the ``eval`` config against the
+datasets and the checkpoints.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from contextlib import nullcontext
-from typing import Collection, Dict, List
+from pathlib import Path
+from typing import Collection, Dict, List, Mapping, Tuple
 
+import cv2
 import numpy as np
 import torch
 
 from sum.data.dataset import select_datasets
+from sum.eval.clicker import interior_distance
+from sum.eval.columns import noc_budget
 from sum.tasks import TASK_IDS, task_id
 
 PROTOCOLS = ("point", "box", "boundary")
-SELECTIONS = ("oracle", "token0")
+SELECTIONS = ("oracle", "token0", "predicted_iou")
 DECODERS = ("fast", "exact")
 PRECISIONS = ("fp32", "bf16")
-NOC_THRESHOLDS = {"noc85": 0.85, "noc90": 0.90}
-TP0_SUFFIX = "@tp0"
+# The area half of `target_scale`'s rule (the width half is one low-res cell of the model, 4 px at
+# SAM's 1024 input), fixed before any result was looked at: 0.1% of the image.
+SUB_RESOLUTION_AREA = 0.001
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
@@ -38,9 +46,9 @@ def check_eval_config(ev, datasets: Dict[str, object]) -> List[str]:
     bad = [p for p in ev.protocols if p not in PROTOCOLS]
     if bad or not ev.protocols or len(set(ev.protocols)) != len(ev.protocols):
         raise ValueError(f"eval.protocols={list(ev.protocols)}: expected distinct names among {list(PROTOCOLS)}")
-    bad = [p for p in ev.task_prompt_zero if p not in PROTOCOLS]
-    if bad:
-        raise ValueError(f"eval.task_prompt_zero={list(ev.task_prompt_zero)}: expected names among {list(PROTOCOLS)}")
+    for key in ("task_prompt_zero", "predicted_iou"):
+        if any(p not in PROTOCOLS for p in getattr(ev, key)):
+            raise ValueError(f"eval.{key}={list(getattr(ev, key))}: expected names among {list(PROTOCOLS)}")
     if ev.selection not in SELECTIONS:
         raise ValueError(f"eval.selection={ev.selection!r}: expected one of {list(SELECTIONS)}")
     if ev.precision not in PRECISIONS:
@@ -48,7 +56,8 @@ def check_eval_config(ev, datasets: Dict[str, object]) -> List[str]:
     if ev.decoder not in DECODERS:
         raise ValueError(f"eval.decoder={ev.decoder!r}: expected one of {list(DECODERS)}")
     for key, low in (("rounds", 1), ("box_rounds", 1), ("boundary_width", 1), ("max_images", 0),
-                     ("max_masks_per_image", 0), ("n_panels", 0), ("threads", 0)):
+                     ("max_masks_per_image", 0), ("n_panels", 0), ("threads", 0), ("noc_max_clicks", 0),
+                     ("min_images", 1), ("target_seed", 0)):
         value = getattr(ev, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"eval.{key}={value!r}: expected an integer >= {low}")
@@ -68,9 +77,34 @@ def check_eval_config(ev, datasets: Dict[str, object]) -> List[str]:
     return names
 
 
+def _is_remote(uri: str) -> bool:
+    return "://" in uri
+
+
+def check_checkpoints(models: Dict[str, str]) -> None:
+    """Fail before any work when a local checkpoint of ``eval.models`` is missing.
+
+    Raises:
+      FileNotFoundError: naming ``eval.models.<name>`` and the path.
+    """
+    for name, uri in models.items():
+        if uri and not _is_remote(str(uri)) and not Path(uri).is_file():
+            raise FileNotFoundError(
+                f"eval.models.{name}: checkpoint {uri} not found (train it with `sumseg finetune`, "
+                f"point eval.models.{name} at another file, or drop the model with ~eval.models.{name})"
+            )
+
+
 def protocol_rounds(ev, protocol: str) -> int:
-    """Rounds of a protocol: ``eval.rounds`` (point), ``eval.box_rounds`` (box), 1 (boundary)."""
+    """Reported rounds of a protocol: ``eval.rounds`` (point), ``eval.box_rounds`` (box), 1 (boundary)."""
     return {"point": ev.rounds, "box": ev.box_rounds, "boundary": 1}[protocol]
+
+
+def simulated_rounds(ev, protocol: str) -> int:
+    """Rounds a protocol is simulated for: its reported rounds, and for ``point`` at least the
+    NoC budget (`noc_budget`)."""
+    rounds = protocol_rounds(ev, protocol)
+    return max(rounds, noc_budget(ev)) if protocol == "point" else rounds
 
 
 def decoder_autocast(precision: str, device: torch.device):
@@ -113,10 +147,23 @@ def task_prompts(
     return [tid if (r == 0 or continuous) else 0 for r in range(rounds)]
 
 
-def select_targets(masks_khw: np.ndarray, max_masks: int) -> np.ndarray:
-    """Indices of the masks to evaluate: the non-empty ones (spec §13 A8), largest first; with
-    ``max_masks`` = n > 0 and more masks than that, n of them spread evenly over the area ranking
-    (the largest, the smallest and evenly spaced ranks between), ties broken by index.
+def select_targets(masks_khw: np.ndarray, max_masks: int, key: str = "", seed: int = 0) -> np.ndarray:
+    """Indices of the masks to evaluate (spec §13 A8).
+
+    The rule: the non-empty masks of the image; when ``max_masks`` = n > 0 and the image has more
+    than n of them, n drawn uniformly at random without replacement, by a generator seeded from
+    ``seed`` and ``key`` (the image id: the first 8 bytes of ``sha256(f"{seed}/{key}")``). So the
+    draw is fixed by the image alone, the same for every model and every run, and no size is
+    forced in: the smallest (or the largest) mask is drawn with probability n / (masks in the
+    image), and the mean over the drawn masks estimates the image's mean over all its masks
+    without bias (spec §10.2 averages per mask). Selected masks come back by decreasing area,
+    ties by index.
+
+    Arguments:
+      masks_khw: (K, H, W) binary masks of one image.
+      max_masks: n, the cap; 0 = every non-empty mask.
+      key: what the draw is keyed by (``eval`` passes the image id).
+      seed: ``eval.target_seed``.
 
     Returns:
       (n,) int64 indices into ``masks_khw``, by decreasing area.
@@ -125,7 +172,62 @@ def select_targets(masks_khw: np.ndarray, max_masks: int) -> np.ndarray:
     order = np.argsort(-areas, kind="stable")
     order = order[areas[order] > 0]
     if max_masks and len(order) > max_masks:
-        picks = np.round(np.linspace(0, len(order) - 1, max_masks)).astype(np.int64)
+        digest = hashlib.sha256(f"{int(seed)}/{key}".encode()).digest()
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+        picks = np.sort(rng.choice(len(order), size=max_masks, replace=False))
         order = order[picks]
     return order.astype(np.int64)
 
+
+def low_res_cell_px(model) -> float:
+    """Side, in pixels of the model's input, of one cell of its decoder's low-res output:
+    ``img_size / mask_input_size`` (1024 / 256 = 4 px for SAM and MobileSAM)."""
+    return float(model.image_encoder.img_size) / float(model.prompt_encoder.mask_input_size[0])
+
+
+def target_scale(mask_hw: np.ndarray, img_size: int, cell_px: float) -> Tuple[float, bool]:
+    """Width of a target at the model's input scale, and whether the model can resolve it.
+
+    The rule, written down from the model before any result was looked at (spec §13 A8, issue 19):
+    a target is **sub-resolution** when, at the model's input scale (the image's longest side
+    resized to the model's ``img_size``, 1024 for SAM), its width, ``2 x`` the maximum of the
+    interior distance transform of its ground-truth mask (`interior_distance`, image border as
+    edge), is under one cell of the decoder's low-res output (``cell_px``: 4 px, one cell of the
+    256x256 logits at 1024), or its area is under 0.1% of the image (``SUB_RESOLUTION_AREA``);
+    otherwise it is **resolvable**. Computed from the ground truth alone: the mask is resized to
+    the input scale with nearest-neighbour sampling before its distance transform.
+
+    Arguments:
+      mask_hw: (H, W) non-empty binary ground-truth mask at the image's resolution.
+      img_size: the model's input side (``ResizeLongestSide`` target length).
+      cell_px: `low_res_cell_px` of the model.
+
+    Returns:
+      ``(width_px, resolvable)``: the width in input pixels, and the rule's verdict.
+    """
+    m = np.asarray(mask_hw).astype(bool)
+    h, w = m.shape
+    scale = float(img_size) / max(h, w)
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    resized = cv2.resize(m.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+    width = 2.0 * float(interior_distance(resized).max())
+    area = float(m.sum()) / float(h * w)
+    return width, bool(width >= cell_px and area >= SUB_RESOLUTION_AREA)
+
+
+def example_benchmarks(n_images: Mapping[str, int], min_images: int) -> List[str]:
+    """The benchmarks shown as examples: those whose dataset holds fewer than ``eval.min_images``
+    images (counted before ``eval.max_images``). They are scored and listed in their own section
+    of the table, outside every task mean and the overall mean (one image says nothing about the
+    next).
+
+    Raises:
+      ValueError: naming ``eval.min_images`` when every benchmark would be an example.
+    """
+    examples = [n for n, k in n_images.items() if k < min_images]
+    if examples and len(examples) == len(n_images):
+        raise ValueError(
+            f"eval.min_images={min_images}: every benchmark of {dict(n_images)} has fewer images, so "
+            "nothing is left for the means; lower it (1 = no examples) or add a benchmark"
+        )
+    return examples

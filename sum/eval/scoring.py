@@ -1,7 +1,7 @@
 """Scoring one image in the ``evaluate`` stage (spec §10): the models under evaluation
-(`load_eval_models`, with their method and @tp0 variants), one decoder call on a batch of prompts
-(`predict_round`), one protocol simulated on an image's targets (`run_protocol`) and the record of one
-target's scores (`MaskRecord`).
+(`load_eval_models`, with their method and their @tp0 and @piou variants), one decoder call on a
+batch of prompts (`predict_round`), one protocol simulated on an image's targets (`run_protocol`)
+and the record of one target's scores (`MaskRecord`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Collection, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -19,8 +18,10 @@ import torch
 
 from sum.data.formats import masks_to_boxes
 from sum.eval.clicker import Click, boundary_click, first_click, next_click
+from sum.eval.columns import PIOU_SUFFIX, TP0_SUFFIX
 from sum.eval.metrics import boundary_iou, mask_iou_batch
-from sum.eval.protocol import PROTOCOLS, SELECTIONS, TP0_SUFFIX, task_prompts
+from sum.eval.protocol import PROTOCOLS, SELECTIONS, check_checkpoints, task_prompts
+from sum.io import redact_text
 from sum.model.checkpoint import CheckpointError, load_model, read_checkpoint
 from sum.model.decoder import decode
 from sum.model.predictor import SumPredictor
@@ -38,14 +39,16 @@ class EvalModel:
     """One column of the results: a loaded model and how it is prompted.
 
     Attributes:
-      name: ``eval.models`` key, or ``<key>@tp0`` for the task-prompt-0 variant.
-      predictor: its `SumPredictor` (shared by a model and its @tp0 variant).
+      name: ``eval.models`` key, ``<key>@tp0`` for the task-prompt-0 variant, ``<key>@piou`` for
+        the predicted-IoU variant.
+      predictor: its `SumPredictor` (shared by a model and its variants).
       source: the checkpoint ('' = ``model.checkpoint``).
       method: ``meta.method`` of a SUM checkpoint, or None (foundation model, plain SAM weights).
       use_task_prompt, continuous_task_prompt: from the method (False for no method).
       fingerprint: `encoder_fingerprint` of its encoder.
       protocols: the protocols it runs.
       force_tp0: the @tp0 variant (task prompt 0 in every round).
+      selection: its output selection; '' = ``eval.selection`` (the @piou variant: ``predicted_iou``).
     """
 
     name: str
@@ -57,6 +60,7 @@ class EvalModel:
     fingerprint: str
     protocols: List[str]
     force_tp0: bool = False
+    selection: str = ""
 
     def task_prompts(self, benchmark_task: str, trained_tasks: Collection[str], rounds: int) -> List[int]:
         if self.force_tp0:
@@ -64,28 +68,13 @@ class EvalModel:
         return task_prompts(benchmark_task, trained_tasks, rounds, self.use_task_prompt, self.continuous_task_prompt)
 
 
-def _is_remote(uri: str) -> bool:
-    return "://" in uri
-
-
-def check_checkpoints(models: Dict[str, str]) -> None:
-    """Fail before any work when a local checkpoint of ``eval.models`` is missing.
-
-    Raises:
-      FileNotFoundError: naming ``eval.models.<name>`` and the path.
-    """
-    for name, uri in models.items():
-        if uri and not _is_remote(str(uri)) and not Path(uri).is_file():
-            raise FileNotFoundError(
-                f"eval.models.{name}: checkpoint {uri} not found (train it with `sumseg finetune`, "
-                f"point eval.models.{name} at another file, or drop the model with ~eval.models.{name})"
-            )
-
-
 def load_eval_models(cfg, s3=None) -> List[EvalModel]:
     """The models of ``eval.models`` on ``model.device`` with the encoder fast path of
-    ``model.fast_path`` (`load_model`) and, for those whose method uses task prompts, their @tp0
-    variants (spec §13 A3) on the protocols of ``eval.task_prompt_zero``.
+    ``model.fast_path`` (`load_model`); for those whose method uses task prompts, their @tp0
+    variants (spec §13 A3) on the protocols of ``eval.task_prompt_zero``; and for every model its
+    @piou variant, the same model with ``predicted_iou`` selection (what an interactive tool
+    shows), on the protocols of ``eval.predicted_iou`` (none when ``eval.selection`` is already
+    ``predicted_iou``). Order: each model, then its @tp0, then its @piou.
 
     '' is ``cfg.model``, seeded as every stage so that an uninitialised test model is the one the
     ``embed`` stage encoded with. Otherwise a SUM checkpoint gives the model its stored config
@@ -131,7 +120,10 @@ def load_eval_models(cfg, s3=None) -> List[EvalModel]:
         tp0 = [p for p in ev.protocols if p in ev.task_prompt_zero]
         if uses_tp and tp0:
             out.append(dataclasses.replace(em, name=name + TP0_SUFFIX, protocols=tp0, force_tp0=True))
-        log.info("model %s: %s, method %s, encoder %s...", name, uri or cfg.model.checkpoint or "(model.checkpoint)",
+        piou = [p for p in ev.protocols if p in ev.predicted_iou] if ev.selection != "predicted_iou" else []
+        if piou:
+            out.append(dataclasses.replace(em, name=name + PIOU_SUFFIX, protocols=piou, selection="predicted_iou"))
+        log.info("model %s: %s, method %s, encoder %s...", name, redact_text(uri or cfg.model.checkpoint or "(model.checkpoint)"),
                  em.method, em.fingerprint[:12])
     return out
 
@@ -170,7 +162,7 @@ def predict_round(
 
     Returns:
       masks (B, C, H, W) bool numpy at the original size, low-res logits (B, C, 256, 256) fp32
-      tensor on the model's device.
+      tensor on the model's device, predicted IoU (B, C) float32 numpy.
     """
     model, device = predictor.model, predictor.device
     points = box_t = None
@@ -189,13 +181,13 @@ def predict_round(
                 points=points, boxes=box_t, masks=mask_input, task_prompt=task_prompt
             )
             pe = model.prompt_encoder.get_dense_pe()
-            low_res_bchw, _ = decode(
+            low_res_bchw, iou_bc = decode(
                 model.mask_decoder, predictor.features, pe, sparse_bnc, dense_bchw, multimask, exact=decoder == "exact"
             )
         low_res_bchw = low_res_bchw.float()
         masks_bchw = model.postprocess_masks(low_res_bchw, predictor.input_size, predictor.original_size)
         masks_bchw = masks_bchw > model.mask_threshold
-    return masks_bchw.cpu().numpy(), low_res_bchw
+    return masks_bchw.cpu().numpy(), low_res_bchw, iou_bc.float().cpu().numpy()
 
 
 @dataclass
@@ -209,6 +201,7 @@ class ProtocolResult:
       clicks_at: per target, the number of clicks given up to each round (R,).
       kept: round (1-based) -> (K, H, W) bool selected masks, for the rounds asked.
       decoder_s, metrics_s: seconds in decoder calls and in scoring + click simulation.
+      decoded: target-rounds through the decoder (the work, whatever the machine's load).
     """
 
     iou: np.ndarray
@@ -218,6 +211,7 @@ class ProtocolResult:
     kept: Dict[int, np.ndarray] = field(default_factory=dict)
     decoder_s: float = 0.0
     metrics_s: float = 0.0
+    decoded: int = 0
 
 
 def run_protocol(
@@ -231,6 +225,8 @@ def run_protocol(
     boundary_width: int = 10,
     autocast=None,
     decoder: str = "fast",
+    stop_iou: Optional[float] = None,
+    stop_after: int = 0,
 ) -> ProtocolResult:
     """Simulate one protocol of spec §10.3 on K targets of the predictor's image, batched.
 
@@ -239,12 +235,14 @@ def run_protocol(
       gt_khw: (K, H, W) bool non-empty targets at the image's resolution.
       protocol: ``point``, ``box`` or ``boundary`` (module docstring).
       rounds: rounds to run (``boundary`` runs 1 whatever this says).
-      selection: ``oracle`` or ``token0`` (module docstring).
+      selection: ``oracle``, ``token0`` or ``predicted_iou`` (`sum.eval.evaluate`'s docstring).
       task_prompt_ids: task id of each round (`task_prompts`); default 0 everywhere.
       keep_rounds: 1-based rounds whose selected masks are returned (for panels).
       boundary_width: band width of the boundary click (px).
       autocast: the decoder's autocast context (`decoder_autocast`).
       decoder: ``fast`` or ``exact`` (`predict_round`).
+      stop_iou, stop_after: the NoC rounds past the ``stop_after`` reported ones (`_next_clicks`);
+        there boundary IoU is not computed (NaN). ``stop_after`` 0: every round is reported.
 
     Returns:
       `ProtocolResult`.
@@ -261,13 +259,7 @@ def run_protocol(
         raise ValueError(f"task_prompt_ids has {len(tps)} ids for {rounds} rounds")
     res = ProtocolResult(np.zeros((k, rounds)), np.zeros((k, rounds)), [[] for _ in range(k)], np.zeros((k, rounds), np.int64))
     t0 = time.perf_counter()
-    boxes_k4 = None
-    if protocol == "box":
-        boxes_k4 = masks_to_boxes(gt_khw)  # tight, no jitter (spec §10.3)
-    elif protocol == "point":
-        res.clicks = [[first_click(g)] for g in gt_khw]
-    else:
-        res.clicks = [[boundary_click(g, width=boundary_width)] for g in gt_khw]
+    boxes_k4, res.clicks = _first_prompts(gt_khw, protocol, boundary_width)
     res.metrics_s += time.perf_counter() - t0
 
     active = np.ones(k, bool)
@@ -276,25 +268,45 @@ def run_protocol(
     for r in range(rounds):
         t0 = time.perf_counter()
         if r > 0:
-            for i in np.flatnonzero(active):
-                c = next_click(gt_khw[i], pred_khw[i], res.clicks[i])
-                if c is None:
-                    active[i] = False  # nothing left to correct: last scores stand
-                else:
-                    res.clicks[i].append(c)
-        res.clicks_at[:, r] = [len(c) for c in res.clicks]
-        if r > 0:
+            _next_clicks(gt_khw, pred_khw, res, active, r, stop_iou if r >= stop_after else None)
             res.iou[:, r], res.biou[:, r] = res.iou[:, r - 1], res.biou[:, r - 1]
+        res.clicks_at[:, r] = [len(c) for c in res.clicks]
         idx = np.flatnonzero(active)
         res.metrics_s += time.perf_counter() - t0
         if idx.size:
             mask_input_k1hw = _decode_round(
                 predictor, res, r, idx, gt_khw, pred_khw, boxes_k4, mask_input_k1hw, tps[r], selection, autocast,
-                decoder,
+                decoder, boundary=stop_after <= 0 or r < stop_after,
             )
         if r + 1 in keep_rounds:
             res.kept[r + 1] = pred_khw.copy()
+    if stop_after > 0:
+        res.biou[:, stop_after:] = np.nan
     return res
+
+
+def _next_clicks(gt_khw, pred_khw, res: ProtocolResult, active: np.ndarray, r: int, stop_iou: Optional[float]) -> None:
+    """Round ``r``'s corrective click of every active target, in place. A target with no error
+    left, or (``stop_iou``) whose IoU has reached ``stop_iou``, gets none and turns inactive: its
+    last scores stand (once IoU 0.95 is reached, NoC@85/90/95 and NoF@95 are known)."""
+    if stop_iou is not None:
+        active &= res.iou[:, r - 1] < stop_iou
+    for i in np.flatnonzero(active):
+        c = next_click(gt_khw[i], pred_khw[i], res.clicks[i])
+        if c is None:
+            active[i] = False
+        else:
+            res.clicks[i].append(c)
+
+
+def _first_prompts(gt_khw: np.ndarray, protocol: str, boundary_width: int):
+    """Round 1's prompts of spec §10.3: the tight boxes (no jitter) and no click, or one click per
+    target (interior-most point, or the boundary's 'median' point)."""
+    if protocol == "box":
+        return masks_to_boxes(gt_khw), [[] for _ in gt_khw]
+    if protocol == "point":
+        return None, [[first_click(g)] for g in gt_khw]
+    return None, [[boundary_click(g, width=boundary_width)] for g in gt_khw]
 
 
 def _decode_round(
@@ -310,20 +322,22 @@ def _decode_round(
     selection: str,
     autocast,
     decoder: str,
+    boundary: bool = True,
 ) -> torch.Tensor:
     """Round ``r`` of `run_protocol` for the active targets ``idx``: one `predict_round` call with their
-    accumulated prompts, the output selected by ``selection``, scored into ``res`` and written to
-    ``pred_khw``; returns the (K, 1, 256, 256) mask inputs of the next round."""
+    accumulated prompts, the output selected by ``selection``, scored into ``res`` (boundary IoU
+    only when ``boundary``) and written to ``pred_khw``; returns the (K, 1, 256, 256) mask inputs
+    of the next round."""
     k = gt_khw.shape[0]
     n_clicks = len(res.clicks[idx[0]])
     n_prompts = n_clicks + (boxes_k4 is not None)
-    multimask = selection == "oracle" and n_prompts == 1
+    multimask = selection != "token0" and n_prompts == 1
     coords = labels = None
     if n_clicks:
         coords = np.array([[(c.x, c.y) for c in res.clicks[i]] for i in idx], np.float32)
         labels = np.array([[c.label for c in res.clicks[i]] for i in idx], np.int64)
     t0 = time.perf_counter()
-    masks_bchw, low_bchw = predict_round(
+    masks_bchw, low_bchw, piou_bc = predict_round(
         predictor,
         coords,
         labels,
@@ -335,13 +349,16 @@ def _decode_round(
         decoder,
     )
     res.decoder_s += time.perf_counter() - t0
+    res.decoded += int(idx.size)
     t0 = time.perf_counter()
     ious_bc = mask_iou_batch(masks_bchw, gt_khw[idx][:, None])
-    best_b = ious_bc.argmax(axis=1)  # oracle: closest to the ground truth; C = 1: token 0
+    # oracle: closest to the ground truth; predicted_iou: highest predicted IoU; C = 1: token 0
+    best_b = (piou_bc if selection == "predicted_iou" else ious_bc).argmax(axis=1)
     rows = np.arange(idx.size)
     pred_khw[idx] = masks_bchw[rows, best_b]
     res.iou[idx, r] = ious_bc[rows, best_b]
-    res.biou[idx, r] = [boundary_iou(gt_khw[i], pred_khw[i]) for i in idx]
+    if boundary:
+        res.biou[idx, r] = [boundary_iou(gt_khw[i], pred_khw[i]) for i in idx]
     low_b1hw = low_bchw[torch.as_tensor(rows), torch.as_tensor(best_b)][:, None]
     if mask_input_k1hw is None:
         mask_input_k1hw = torch.zeros((k, *low_b1hw.shape[1:]), dtype=low_b1hw.dtype, device=low_b1hw.device)
@@ -352,7 +369,12 @@ def _decode_round(
 
 @dataclass
 class MaskRecord:
-    """Scores of one target mask under one model and protocol (a row of the per-mask CSV)."""
+    """Scores of one target mask under one model and protocol (a row of the per-mask CSV).
+
+    ``iou`` and ``biou`` hold the reported rounds; ``noc`` and ``nof`` (point protocol) come from
+    every simulated click (`sum.eval.protocol.noc_budget`); ``width_px`` and ``resolvable`` are the
+    target's scale rule (`sum.eval.protocol.target_scale`), from its ground truth alone.
+    """
 
     model: str
     protocol: str
@@ -366,3 +388,6 @@ class MaskRecord:
     clicks: List[Click]
     noc: Dict[str, int] = field(default_factory=dict)
     image_area: int = 0  # H * W of its image (for the size bands of the report)
+    nof: Dict[str, int] = field(default_factory=dict)  # 1 when the threshold is never reached within the budget
+    width_px: float = 0.0
+    resolvable: bool = True
