@@ -127,30 +127,30 @@ def noc(ious_per_round: Sequence[float], threshold: float, max_clicks: int | Non
       never reached within the budget (the max-click convention of RITM / Xu et al. 2016, which
       under-counts the cost of failures; report failures separately if they matter).
     """
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"NoC threshold {threshold}: expected an IoU fraction in (0, 1], e.g. 0.85")
-    ious = np.asarray(ious_per_round, dtype=np.float64).reshape(-1)
-    if ious.size == 0:
-        raise ValueError("NoC of an empty IoU sequence: expected one IoU per round")
-    budget = ious.size if max_clicks is None else int(max_clicks)
-    if budget < 1:
-        raise ValueError(f"max_clicks {max_clicks}: expected >= 1")
-    reached = ious[:budget] >= threshold
+    reached, budget = _reached(ious_per_round, threshold, max_clicks, "NoC", 0.85)
     return int(np.argmax(reached)) + 1 if reached.any() else budget
 
 
 def nof(ious_per_round: Sequence[float], threshold: float, max_clicks: int | None = None) -> int:
     """Number of Failures of one object (NoF@95 when summed; RITM): 1 when no round within the
     budget reaches ``threshold`` (IoU ``>=``), else 0. Arguments as `noc`."""
+    reached, _ = _reached(ious_per_round, threshold, max_clicks, "NoF", 0.95)
+    return int(not reached.any())
+
+
+def _reached(ious_per_round: Sequence[float], threshold: float, max_clicks: int | None, metric: str,
+             example: float) -> tuple[np.ndarray, int]:
+    """(whether each round within the budget reaches ``threshold``, the budget), the inputs of
+    `noc` and `nof` checked (``metric`` and ``example`` word their errors)."""
     if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"NoF threshold {threshold}: expected an IoU fraction in (0, 1], e.g. 0.95")
+        raise ValueError(f"{metric} threshold {threshold}: expected an IoU fraction in (0, 1], e.g. {example}")
     ious = np.asarray(ious_per_round, dtype=np.float64).reshape(-1)
     if ious.size == 0:
-        raise ValueError("NoF of an empty IoU sequence: expected one IoU per round")
+        raise ValueError(f"{metric} of an empty IoU sequence: expected one IoU per round")
     budget = ious.size if max_clicks is None else int(max_clicks)
     if budget < 1:
         raise ValueError(f"max_clicks {max_clicks}: expected >= 1")
-    return int(not (ious[:budget] >= threshold).any())
+    return ious[:budget] >= threshold, budget
 
 
 def dataset_mean(per_mask: Sequence[float]) -> float:
