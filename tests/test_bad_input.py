@@ -124,6 +124,25 @@ def empty_first_mask(root: Path) -> None:
     path.write_text(json.dumps(doc))
 
 
+def stale_report(root: Path) -> None:
+    """A setup leaving ``metrics/validate.json`` of an earlier run (0 problems)."""
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "metrics/validate.json").write_text('{"problems": 0}\n')
+
+
+def report_counts_problems(root: Path) -> None:
+    """The check after a failed validate: its report is this run's (it counts the problems that
+    stopped it; validate writes it before it fails), not `stale_report`'s."""
+    doc = json.loads((root / "metrics/validate.json").read_text())
+    assert doc.get("n_problems", 0) >= 1, doc
+
+
+def corrupt_first_image(root: Path) -> None:
+    """A setup truncating the world set's first image (a PNG that does not decode)."""
+    path = sorted((root / "data/world/images").iterdir())[0]
+    path.write_bytes(path.read_bytes()[:40])
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny ops on a shared 2-core machine: one intra-op thread is much faster than two."""
@@ -195,6 +214,7 @@ class Case:
     fault: Optional[Fault] = None  # a signal sent from inside the stage
     hidden: Tuple[str, ...] = ()  # strings stderr must not hold (a secret given with the bad input)
     skip: str = ""  # a reason to skip the row on this machine
+    after: Optional[Callable[[Path], None]] = None  # a further check of the project after the run
 
 
 NEW_EMBED = {"embed.out_dir": "data/embeddings_new"}  # embed rows write here (base holds data/embeddings)
@@ -239,6 +259,11 @@ CASES = [
     Case("skip list without the dataset", ("embed",), 2, ("data/skip_list.json", "no entry for dataset 'train'"),
          chain(set_params(**NEW_EMBED, **{"data.validate.mode": "skip"}), write_skip_list_of(n_images=None)),
          ("data/embeddings_new",)),
+    Case("validate on a corrupt image, a report of an earlier run present", ("validate",), 2,
+         ("data/world/images/", "cannot decode image"), chain(stale_report, write_skip_list_of(n_images=3), corrupt_first_image),
+         ("data/skip_list.json",), after=report_counts_problems),
+    Case("missing checkpoint", ("embed",), 2, ("model.checkpoint", "models/nope.pt"),
+         set_params(**NEW_EMBED, **{"model.checkpoint": "models/nope.pt"}), ("data/embeddings_new",)),
     Case("demo on an empty mask", ("demo",), 2, ("data/world/images/", "annotation", "mask is empty"),
          empty_first_mask, ("metrics/demo.json", "outputs/demo/panel.png")),
     # item 5: a stopped stage says so in one line and exits 128 + the signal
@@ -278,6 +303,8 @@ def test_bad_input_is_one_line_and_leaves_no_output(case, project, monkeypatch, 
     assert not written, f"written under a final name: {written}"
     temporaries = [str(p.relative_to(project)) for p in project.rglob("*") if p.name.endswith(".tmp") or ".tmp-" in p.name]
     assert not temporaries, temporaries
+    if case.after is not None:
+        case.after(project)
 
 
 def test_the_matrix_covers_every_stop_and_both_exit_codes():

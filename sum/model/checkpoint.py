@@ -30,7 +30,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 from sum.config import ModelConfig
-from sum.io import S3Options, display_uri, resolve_local, atomic_torch_save
+from sum.io import FetchError, S3Options, atomic_torch_save, display_uri, resolve_local
 from sum.model.build import build_sum_model, task_prompt_keys
 from sum.model.fast import enable_fast_path
 
@@ -372,7 +372,10 @@ def _from_config(cfg: ModelConfig, s3: Optional[S3Options], cache_dir: str | os.
     model = build_sum_model(cfg)
     if not cfg.checkpoint:
         return model
-    ckpt = read_checkpoint(cfg.checkpoint, sha256=cfg.checkpoint_sha256, s3=s3, cache_dir=cache_dir)
+    try:
+        ckpt = read_checkpoint(cfg.checkpoint, sha256=cfg.checkpoint_sha256, s3=s3, cache_dir=cache_dir)
+    except (FetchError, CheckpointError) as e:
+        raise type(e)(f"model.checkpoint: {e}") from None  # the key too: the file came from the config
     if ckpt.model_config is not None:
         diffs = architecture_diff(ckpt.model_config, cfg)
         if diffs:
