@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from sum.config import Config, ConfigError, compose, load_params
-from sum.io import RedactFilter, redact_text
+from sum.redact import RedactFilter, redact_text
 from sum.progress import StageStopped
 from sum.tracking import pipeline_parent
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one stage. Exit 0 on success; 2 with one line naming the file or key on bad input
     (config, files, values); 128 + the signal (130 SIGINT, 143 SIGTERM) with one line when a signal
     stops the stage (`sum.progress.StageStopped`). Log lines and the error line pass through
-    `sum.io.redact_text`: no URL password or signature reaches the log."""
+    `sum.redact.redact_text`: no URL password or signature reaches the log."""
     args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -17,7 +17,7 @@ import pytest
 SUM = Path(__file__).resolve().parent.parent / "sum"
 
 ROOMS = [
-    ("base", ["sum.io", "sum.tasks", "sum.config", "sum.progress", "sum.tracking"]),
+    ("base", ["sum.io", "sum.redact", "sum.tasks", "sum.config", "sum.progress", "sum.tracking"]),
     ("data", ["sum.data"]),
     ("model", ["sum.model"]),
     ("pseudo", ["sum.pseudo"]),

@@ -6,7 +6,8 @@ import hashlib
 
 import pytest
 
-from sum.io import FetchError, RedactFilter, S3Options, atomic_path, display_uri, fetch, redact, resolve_local
+from sum.io import FetchError, S3Options, atomic_path, display_uri, fetch, resolve_local
+from sum.redact import RedactFilter, redact
 
 DATA = b"segment anything, uncertainty-aware\n" * 100
 SHA = hashlib.sha256(DATA).hexdigest()

@@ -52,7 +52,7 @@ def test_every_stage_is_a_cli_command_with_known_params():
 
 
 
-BASE_MODULES = ("sum/config/", "sum/tracking/", "sum/io.py", "sum/tasks.py", "sum/progress.py", "sum/__init__.py")
+BASE_MODULES = ("sum/config/", "sum/tracking/", "sum/io.py", "sum/redact.py", "sum/tasks.py", "sum/progress.py", "sum/__init__.py")
 
 
 def test_a_stage_depends_on_the_code_it_runs():

@@ -73,7 +73,8 @@ from sum.eval import report
 from sum.eval.loop import EncoderEmbeddings, evaluate_benchmarks, summarise
 from sum.eval.protocol import check_checkpoints, check_eval_config, decoder_autocast, example_benchmarks
 from sum.eval.scoring import load_eval_models
-from sum.io import S3Options, md5_file, redact, remove_temporaries
+from sum.io import S3Options, md5_file, remove_temporaries
+from sum.redact import redact
 from sum.model.checkpoint import resolve_device
 from sum.tracking import EVAL_MD5_TAG, NullTracker, flatten, start_run
 

@@ -21,7 +21,7 @@ from sum.eval.clicker import Click, boundary_click, first_click, next_click
 from sum.eval.columns import PIOU_SUFFIX, TP0_SUFFIX
 from sum.eval.metrics import boundary_iou, mask_iou_batch
 from sum.eval.protocol import PROTOCOLS, SELECTIONS, check_checkpoints, task_prompts
-from sum.io import redact_text
+from sum.redact import redact_text
 from sum.model.checkpoint import CheckpointError, load_model, read_checkpoint
 from sum.model.decoder import decode
 from sum.model.predictor import SumPredictor

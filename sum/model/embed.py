@@ -92,10 +92,7 @@ def embed_datasets(
             raise ValueError(f"dataset {name!r} ({getattr(ds, 'source', '')}): duplicate image ids, cannot key embeddings")
         old = read_index(index_path) or {}
         old_images = old.get("images", {}) if old.get("fingerprint") == fingerprint and old.get("dtype") == dtype else {}
-        keep = {embedding_file(out_dir, name, i).name for i in ids}
-        for stale in folder.iterdir():
-            if (stale.suffix == ".pt" and stale.name not in keep) or stale.name.endswith(".tmp"):
-                stale.unlink()  # images gone from the dataset, or temporaries of a killed run
+        _remove_stale(folder, {embedding_file(out_dir, name, i).name for i in ids})
 
         images: dict = {}
         encoded, t0, last_index = 0, time.perf_counter(), time.perf_counter()
@@ -129,6 +126,14 @@ def embed_datasets(
         }
         log.info("embed %s: %d images, %d encoded, %d already cached, %.1f s", name, len(ids), encoded, len(ids) - encoded, seconds)
     return summary
+
+
+def _remove_stale(folder: Path, keep: set) -> None:
+    """Remove the embeddings in ``folder`` of images gone from the dataset (not in ``keep``) and
+    the temporaries of a killed run."""
+    for stale in folder.iterdir():
+        if (stale.suffix == ".pt" and stale.name not in keep) or stale.name.endswith(".tmp"):
+            stale.unlink()
 
 
 def _encode(

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional
 
-from sum.io import redact, redact_text
+from sum.redact import redact, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def flatten(obj: Any, prefix: str = "") -> Dict[str, str]:
 
 def param_value(key: str, value: Any) -> str:
     """``str(value)`` as it may be logged under ``key``: ``***`` for the string of a secret key,
-    URL passwords and signatures masked (`sum.io.redact`)."""
+    URL passwords and signatures masked (`sum.redact.redact`)."""
     return redact(value, key) if isinstance(value, str) else redact_text(str(value))
 
 
