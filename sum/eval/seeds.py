@@ -42,7 +42,7 @@ from sum.eval.evaluate import run_evaluate
 from sum.eval.protocol import PROTOCOLS, check_eval_config
 from sum.eval.scoring import MaskRecord
 from sum.eval.seed_stats import FOUNDATION, model_name, seed_summary, seeds_markdown
-from sum.io import atomic_write_text, check_format, remove_temporaries
+from sum.io import atomic_write_text, check_format, display_uri, remove_temporaries
 from sum.train.method import resolve_method
 from sum.train.state import input_fingerprint, resume_key
 from sum.train.trainer import finetune
@@ -87,7 +87,7 @@ def run_seeds(cfg) -> Dict:
                            list(sd.rounds), examples, samples=sd.bootstrap, level=sd.ci_level)
     timings["compute"] = sum(timings.values())  # of a run from scratch: every fine-tune and the evaluation
     timings["total"] = time.perf_counter() - t_start  # of this call
-    summary["models"] = {FOUNDATION: str(cfg.model.checkpoint or ""), **checkpoints}
+    summary["models"] = {FOUNDATION: display_uri(str(cfg.model.checkpoint or "")), **checkpoints}  # no URL secret
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     atomic_write_text(sd.metrics, json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "table.md", seeds_markdown(summary) + "\n")
