@@ -129,6 +129,7 @@ CONFIG_STAGES = {
     "uncertainty-report": "sum.uncertainty.report:run_uncertainty_report",
     "demo": "sum.eval.demo:run_demo",
     "evaluate": "sum.eval.evaluate:run_evaluate",
+    "seeds": "sum.eval.seeds:run_seeds",
     "register": "sum.registry.register:register",
 }
 
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # stages that compute something: each logs an MLflow child run under the pipeline's parent run
 TRACKED_STAGES = frozenset(
-    {"world", "pseudolabel", "refine", "uncertainty", "uncertainty-report", "finetune", "evaluate", "register"}
+    {"world", "pseudolabel", "refine", "uncertainty", "uncertainty-report", "finetune", "evaluate", "seeds", "register"}
 )
 
 

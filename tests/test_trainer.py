@@ -477,6 +477,19 @@ def test_vanilla_takes_pseudo_labels_as_gt_without_task_prompt(world, embeddings
     assert all(torch.count_nonzero(final[f"prompt_encoder.task_prompt_embedding.{i}.weight"]) == 0 for i in range(4))
 
 
+def test_sum_no_uncertainty_weighs_and_clicks_pseudo_labels_uniformly(world, embeddings, tmp_path, monkeypatch):
+    """Both uncertainty flags off (params/method/sum_no_uncertainty.yaml): the pseudo labels carry a
+    certainty map, yet their losses get no weights and their clicks are drawn uniformly (no c
+    reaches either); the task prompt stays as in SUM."""
+    spy = Spy(monkeypatch)
+    tr.finetune(make_cfg(tmp_path, "sum_no_uncertainty", iterations=1, batch_size=2), pools=pools_of(world),
+                embeddings=embeddings)
+    assert [it.is_pseudo for it in spy.items] == [False, True]
+    assert spy.items[1].certainty_k1hw is not None  # u was there to use
+    assert all(c is None for c in spy.losses) and all(c is None for c in spy.clicks)
+    assert spy.tasks[:7] == [1, 0, 0, 0, 0, 0, 0] and spy.tasks[7:] == [0] * 7
+
+
 def test_hq_only_never_reads_pseudo_labels(world, embeddings, tmp_path, monkeypatch):
     spy = Spy(monkeypatch)
     out = tr.finetune(make_cfg(tmp_path, "hq_only", iterations=1, batch_size=2), pools=pools_of(world), embeddings=embeddings)

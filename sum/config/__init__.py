@@ -42,6 +42,7 @@ from sum.config.stages import (
     PseudoConfig,
     RefineConfig,
     RegistryConfig,
+    SeedsConfig,
     TrackingConfig,
     TrainConfig,
     UncertaintyConfig,

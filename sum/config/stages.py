@@ -1,5 +1,5 @@
 """Config schema of the model and of every stage after the data: embed, pseudolabel, refine,
-uncertainty, method, train, eval, tracking, registry, flow; and `Config`, the whole of them."""
+uncertainty, method, train, eval, seeds, tracking, registry, flow; and `Config`, the whole of them."""
 
 from __future__ import annotations
 
@@ -262,6 +262,27 @@ class EvalConfig:
 
 
 @dataclass
+class SeedsConfig:
+    """``sumseg seeds`` (`sum.eval.seeds.run_seeds`): every method fine-tuned with each seed, one
+    evaluation of them all with the foundation model (on ``eval``'s benchmarks and settings), and
+    the table of mean ± sd over seeds with the seed-averaged differences and their image-bootstrap
+    intervals. Run by hand (no DVC stage: it does not fit the default's budget)."""
+
+    # params/method/<name>.yaml each
+    methods: List[str] = field(default_factory=lambda: ["hq_only", "vanilla", "sum", "sum_no_uncertainty"])
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])  # train.seed of each run
+    against_foundation: bool = True  # compare every method with the foundation model
+    # "<method> vs <method>": the first minus the second, both seed-averaged
+    comparisons: List[str] = field(default_factory=lambda: ["sum vs sum_no_uncertainty", "sum vs vanilla"])
+    protocols: List[str] = field(default_factory=lambda: ["point", "box"])  # evaluated (eval.protocols of the run)
+    rounds: List[int] = field(default_factory=lambda: [1, 3, 5])  # rows: mIoU after these rounds (those a protocol has)
+    bootstrap: int = 1000  # image-bootstrap redraws of each difference's interval
+    ci_level: float = 0.95  # coverage of that interval
+    out_dir: str = "outputs/seeds"  # models/<method>_s<seed>.pt, eval/, table.md
+    metrics: str = "metrics/seeds.json"
+
+
+@dataclass
 class RegistryConfig:
     """The ``register`` stage (`sum.registry.register`): which fine-tuned methods go to the MLflow
     model registry, and the no-forgetting gate that gives the ``champion`` alias
@@ -302,6 +323,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    seeds: SeedsConfig = field(default_factory=SeedsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
