@@ -37,6 +37,7 @@ from sum.config import EvalConfig
 from sum.eval.columns import PART_SPLIT
 from sum.eval.metrics import aggregate
 from sum.eval.report import compare_to_reference
+from sum.eval.tables import table_header
 
 SEEDS_FORMAT = "sum-seeds/1"
 FOUNDATION = "foundation"  # the evaluation's column of the foundation model
@@ -273,8 +274,7 @@ def seeds_markdown(summary: Dict) -> str:
     for protocol, entry in summary["protocols"].items():
         unit = "clicks" if protocol == "point" else "rounds"
         cols = list(entry["scores"])
-        lines += [f"## {protocol}", "", f"| Task | {unit} | masks | " + " | ".join(cols) + " |",
-                  "|---|---|---|" + "---|" * len(cols)]
+        lines += [f"## {protocol}", "", *table_header(["Task", unit, "masks", *cols])]
         for row in entry["rows"]:
             for n in entry["rounds"]:
                 cells = [_score_cell(entry["scores"][c][row][f"miou_{n}"]) for c in cols]
@@ -283,8 +283,7 @@ def seeds_markdown(summary: Dict) -> str:
         if entry["comparisons"]:
             names = list(entry["comparisons"])
             lines += [f"### {protocol}, differences", "",
-                      f"| Task | {unit} | " + " | ".join(n.replace(" vs ", " \u2212 ") for n in names) + " |",
-                      "|---|---|" + "---|" * len(names)]
+                      *table_header(["Task", unit, *(n.replace(" vs ", " \u2212 ") for n in names)])]
             for row in entry["rows"]:
                 for n in entry["rounds"]:
                     cells = [_difference_cell(entry["comparisons"][c][row][f"miou_{n}"]) for c in names]

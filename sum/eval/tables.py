@@ -131,12 +131,16 @@ def markdown_table(
     return "\n".join(lines)
 
 
+def table_header(cells: List[str]) -> List[str]:
+    """A markdown table's header line and rule line."""
+    return ["| " + " | ".join(cells) + " |", "|" + "---|" * len(cells)]
+
+
 def _round_tables(summary: Dict, protocol: str, cols: List[str], r: int, tasks: List[str], pooled: Dict) -> List[str]:
     """The task table and the per-benchmark table of one protocol after round ``r``."""
     first = summary[cols[0]][protocol]
     lines = [f"### {protocol}, {r} {_unit(protocol, r)}", ""]
-    lines.append("| Metric | Task | " + " | ".join(cols) + " |")
-    lines.append("|---|---|" + "---|" * len(cols))
+    lines += table_header(["Metric", "Task", *cols])
     for metric in ("miou", "mbiou"):
         for t in tasks:
             vals = [_get(summary[m][protocol], metric, r, "tasks", t) for m in cols]
@@ -149,8 +153,7 @@ def _round_tables(summary: Dict, protocol: str, cols: List[str], r: int, tasks: 
         lines.append(_row([METRIC_LABEL[metric], "**Overall**"], vals))
     lines.append("")
     lines += [f"Per benchmark, `mIoU / mBIoU` after {r} {_unit(protocol, r)}:", ""]
-    lines.append("| Benchmark | Task | masks | " + " | ".join(cols) + " |")
-    lines.append("|---|---|---|" + "---|" * len(cols))
+    lines += table_header(["Benchmark", "Task", "masks", *cols])
     for t in tasks:
         for d in [d for d, dt in pooled.items() if dt == t]:
             lines.append("| " + " | ".join([d, t, str(first["n_masks"].get(d, 0)), *_cells(summary, protocol, cols, d, [r], both=True)]) + " |")
@@ -182,8 +185,7 @@ def _noc_table(summary: Dict, protocol: str, cols: List[str], pooled: Dict[str, 
         f"NoC@k: mean clicks to reach IoU k% ({budget} when never reached); NoF@95: objects that do not "
         f"reach 95% within {budget} clicks (RITM), of the row's masks.",
         "",
-        "| Metric | Task | " + " | ".join(cols) + " |",
-        "|---|---|" + "---|" * len(cols),
+        *table_header(["Metric", "Task", *cols]),
     ]
     for key in NOC_THRESHOLDS:
         label = f"NoC@{key[3:]}"
@@ -223,8 +225,7 @@ def _examples_table(
         f"{_unit(protocol, 2)}, in no task or overall mean and no comparison (one image says nothing "
         "about the next).",
         "",
-        "| Benchmark | Task | masks | " + " | ".join(cols) + " |",
-        "|---|---|---|" + "---|" * len(cols),
+        *table_header(["Benchmark", "Task", "masks", *cols]),
     ]
     for d in shown:
         lines.append("| " + " | ".join([d, dataset_task[d], str(first["n_masks"][d]), *_cells(summary, protocol, cols, d, rounds)]) + " |")
@@ -253,8 +254,7 @@ def size_table(records, dataset_task: Dict[str, str], protocol: str = "point", e
         f"Mean IoU over the targets of a task whose area is the given fraction of the image, after "
         f"{' / '.join(str(r) for r in rounds)} {unit} (a plain mean over masks, not the paper's aggregation).",
         "",
-        "| Task | area / image | masks | " + " | ".join(models) + " |",
-        "|---|---|---|" + "---|" * len(models),
+        *table_header(["Task", "area / image", "masks", *models]),
     ]
     for t in dict.fromkeys(t for d, t in dataset_task.items() if d not in set(examples)):
         for b in band_labels():
@@ -303,8 +303,7 @@ def delta_table(deltas: Dict[str, Dict[str, Dict[str, list]]], reference: str, l
         rounds = report_rounds(len(per_model[models[0]][scopes[0]]))
         unit = "clicks" if protocol == "point" else "rounds"
         lines += [f"### {protocol}", ""]
-        lines.append(f"| Task | {unit} | masks | " + " | ".join(models) + " |")
-        lines.append("|---|---|---|" + "---|" * len(models))
+        lines += table_header(["Task", unit, "masks", *models])
         for scope in scopes:
             for r in rounds:
                 cells = []
