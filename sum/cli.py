@@ -94,6 +94,13 @@ def cmd_finetune(cfg: Config, args: argparse.Namespace) -> None:
     finetune(cfg, args.method)
 
 
+def cmd_recipe(cfg: Config, args: argparse.Namespace) -> None:
+    """Choose the fine-tuning recipe on the validation split; print it as overrides."""
+    from sum.eval.recipe import choose_recipe, recipe_overrides
+
+    print(" ".join(recipe_overrides(choose_recipe(cfg)["chosen"])))
+
+
 def cmd_validate(cfg: Config, args: argparse.Namespace) -> None:
     from sum.data.validate import validate_config
 
@@ -142,6 +149,7 @@ STAGES: dict[str, Callable[[Config, argparse.Namespace], None]] = {
     "validate": cmd_validate,
     "oracle-pool": cmd_oracle_pool,
     "finetune": cmd_finetune,
+    "recipe": cmd_recipe,
     "pull": cmd_pull,
     "export-sam": cmd_export_sam,
 }

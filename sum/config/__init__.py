@@ -40,6 +40,7 @@ from sum.config.stages import (
     MethodConfig,
     ModelConfig,
     PseudoConfig,
+    RecipeConfig,
     RefineConfig,
     RegistryConfig,
     SeedsConfig,

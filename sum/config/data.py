@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-ROLES = ("labeled", "unlabeled", "benchmark")  # what a dataset is for: training with masks, pseudo-labeling, evaluation
+# what a dataset is for: training with masks, pseudo-labeling, benchmark evaluation, choosing the recipe
+# (`sumseg recipe` alone reads role validation: no training and no benchmark stage does)
+ROLES = ("labeled", "unlabeled", "benchmark", "validation")
 
 
 @dataclass
@@ -70,7 +72,7 @@ class DatasetConfig:
     images: str = ""  # image folder
     annotations: str = ""  # COCO json (coco), mask folder (mask_folder), json folder (sa1b)
     task: str = "unspecified"  # unspecified | salient | entity | part
-    role: str = "benchmark"  # labeled | unlabeled | benchmark
+    role: str = "benchmark"  # labeled | unlabeled | benchmark | validation
 
 
 @dataclass
@@ -81,7 +83,7 @@ class WorldSetConfig:
     n_images: int = 10
     seed: int = 0
     style: str = "default"  # a named appearance style; benchmarks may use a shifted one
-    role: str = "benchmark"  # labeled | unlabeled | benchmark
+    role: str = "benchmark"  # labeled | unlabeled | benchmark | validation
 
 
 @dataclass

@@ -202,6 +202,26 @@ class TrainConfig:
 
 
 @dataclass
+class RecipeConfig:
+    """``sumseg recipe`` (`sum.eval.recipe.choose_recipe`): ``train.lr``, ``train.iterations`` and
+    ``train.task_prompt_lr_scale`` (spec §8) chosen on the datasets of role ``validation`` alone,
+    by the rule written in params/recipe/default.yaml before any result. Run by hand (no DVC stage)."""
+
+    lrs: List[float] = field(default_factory=lambda: [1e-5, 5e-5, 1e-4])  # spec §8.1: 1e-5; 5e-5, 1e-4 for fewer steps
+    iterations: List[int] = field(default_factory=lambda: [20, 40, 80])  # checkpoints of one run per lr
+    task_prompt_lr_scales: List[float] = field(default_factory=lambda: [1.0, 10.0, 100.0])
+    method: str = "vanilla"  # lr and iterations are chosen on this method (the plain recipe)
+    task_prompt_method: str = "sum"  # then the task-prompt lr scale on this one
+    datasets: List[str] = field(default_factory=list)  # role validation each; empty = every one of that role
+    clicks: List[int] = field(default_factory=lambda: [1, 3, 5])  # score: mean point-protocol mIoU after these
+    tie: float = 0.002  # scores within this of the best tie: the smaller lr, then fewer steps (smaller scale)
+    max_images: int = 0  # per validation dataset; 0 = all
+    max_masks_per_image: int = 6  # targets per image (as eval.max_masks_per_image); 0 = all
+    out_dir: str = "outputs/recipe"  # runs/, models/, finetune/ of the candidates, scores.json
+    metrics: str = "metrics/recipe.json"
+
+
+@dataclass
 class TrackingConfig:
     """MLflow: the tracking URI from here, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
 
@@ -322,6 +342,7 @@ class Config:
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seeds: SeedsConfig = field(default_factory=SeedsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -13,7 +13,8 @@ What ``annotations.json`` holds, by role and task:
   in HQSeg-44K);
 - ``unlabeled``: no annotations; the ground truth of every granularity is kept apart under
   ``hidden_gt/``, only to score pseudo labels;
-- ``benchmark``: the ground truth of the set's task.
+- ``benchmark``: the ground truth of the set's task;
+- ``validation``: the ground truth of the set's task, held out: only ``sumseg recipe`` reads it.
 
 Annotation ids are shared by the granularity files of one set: a salient object has the id of its
 entity annotation, and a part's ``parent_id`` is that id. Annotations carry ``granularity``
