@@ -1,5 +1,5 @@
 """Config schema of the model and of every stage after the data: embed, pseudolabel, refine,
-uncertainty, method, train, eval, seeds, tracking, registry, flow; and `Config`, the whole of them."""
+uncertainty, method, train, eval, seeds, recipe, tracking, registry, flow; and `Config`, the whole of them."""
 
 from __future__ import annotations
 
