@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -48,6 +49,7 @@ def set_threads(n: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     threads = args.threads or (1 if args.smoke else min(8, os.cpu_count() or 1))
     set_threads(threads)
     # torch and the library load only now, after the thread counts are set
@@ -64,16 +66,22 @@ def main(argv=None) -> int:
     sizes = suite_sizes("smoke" if args.smoke else device)
     machine = machine_info(device, threads)
     print(f"machine: {json.dumps(machine)}", flush=True)
-    results, errors = run_suite(models, args.only, device, sizes)
-    machine["loadavg_after"] = list(os.getloadavg())
-    print_table(results)
     out = args.out or Path("outputs") / "benchmarks" / f"suite-{device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"machine": machine, "models": models, "smoke": args.smoke,
-                               "sizes": {k: dataclasses.asdict(v) for k, v in sizes.items()},
-                               "results": [r.to_dict() for r in results], "errors": errors}, indent=2, default=str))
-    tmp.replace(out)
+
+    def save(results, errors, complete: bool) -> None:
+        """The JSON so far: rewritten after every benchmark, so a run stopped by a timeout
+        still leaves what it finished (``complete`` false)."""
+        machine["loadavg_now"] = list(os.getloadavg())
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps({"machine": machine, "models": models, "smoke": args.smoke, "complete": complete,
+                                   "sizes": {k: dataclasses.asdict(v) for k, v in sizes.items()},
+                                   "results": [r.to_dict() for r in results], "errors": errors}, indent=2, default=str))
+        tmp.replace(out)
+
+    results, errors = run_suite(models, args.only, device, sizes, on_result=lambda r, e: save(r, e, False))
+    save(results, errors, True)
+    print_table(results)
     print(f"wrote {out}")
     if errors:
         for e in errors:

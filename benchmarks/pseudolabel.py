@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -28,6 +29,7 @@ from sum.pseudo.amg import MaskGenerator
 from sum.pseudo.run import amg_params
 
 MATCH_IOU = 0.95
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,10 @@ def run(model, name: str, weights: str, device: str, fast_mode: str, sizes: AmgS
     if device.startswith("cuda"):  # kernels, allocator: not timed
         ours_on(plan, images[0])
         official_on(sizes.official_points_per_batch[0], images[0])
-    trials = {ppb: official_on(ppb, images[0]) for ppb in sizes.official_points_per_batch}
+    trials = {}
+    for ppb in sizes.official_points_per_batch:
+        trials[ppb] = official_on(ppb, images[0])
+        log.info("  official points_per_batch=%d: %.2f s", ppb, trials[ppb][1])
     best = min(trials, key=lambda p: trials[p][1])
     t_ref, t_ours, checks, timed_checks = 0.0, 0.0, [], []
     for i, image in enumerate(images):
@@ -103,6 +108,7 @@ def run(model, name: str, weights: str, device: str, fast_mode: str, sizes: AmgS
         t_ref += dt_ref
         t_ours += dt_out
         timed_checks.append(match(ref, out))
+        log.info("  image %d: official %.2f s, ours %.2f s", i, dt_ref, dt_out)
         checks.append(timed_checks[-1] if plan == OFF else match(ref, ours_on(OFF, image)[0]))
     apply_fast_path(model, OFF)
     total = summed(checks)
