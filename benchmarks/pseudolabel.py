@@ -28,8 +28,8 @@ from sum.model.fast import OFF, apply_fast_path, resolve_fast_path
 from sum.pseudo.amg import MaskGenerator
 from sum.pseudo.run import amg_params
 
-MATCH_IOU = 0.95
 log = logging.getLogger(__name__)
+MATCH_IOU = 0.95  # a reference mask counts as matched by one of ours at this IoU
 
 
 @dataclass(frozen=True)
