@@ -92,6 +92,7 @@ class PseudoConfig:
     crop_overlap_ratio: float = 512 / 1500
     min_mask_region_area: int = 0
     decoder: str = "fast"
+    decoder_batch: Optional[int] = None  # grid points decoded together; None = sized per device
     # read-time selection (spec §3.5)
     min_ratio: float = 100.0
     max_ratio: float = 0.95
