@@ -48,6 +48,7 @@ class ModelConfig:
     # encoder speed (sum.model.fast): "auto" = bf16 autocast + fused attention on CUDA; on CPU, bf16
     # autocast + channels_last for TinyViT where the CPU has native bf16 (measured 3x), else fp32
     fast_path: str = "auto"
+    compile_encoder: bool = False  # torch.compile the encoder forward (for CUDA; sum.model.fast)
     device: str = "auto"  # "auto" = cuda if available else cpu
 
 
