@@ -215,3 +215,73 @@ def test_records_fields_and_logits(mobile_sam_run):
         recon = up[0, 0].numpy() > 0
         iou = (mask & recon).sum() / (mask | recon).sum()
         assert iou > 0.99, f"logits > 0 upsampled vs mask: IoU {iou:.4f}"
+
+
+def test_decoder_batch_sized_per_device(tiny_model):
+    from sum.pseudo.amg import DECODER_BATCH_ACCELERATOR, DECODER_BATCH_CPU
+
+    auto = MaskGenerator(tiny_model, points_per_side=4)
+    assert auto.decoder_batch is None
+    assert auto.decoder_batch_for(torch.device("cpu")) == DECODER_BATCH_CPU
+    assert auto.decoder_batch_for(torch.device("cuda")) == DECODER_BATCH_ACCELERATOR
+    assert MaskGenerator(tiny_model, points_per_side=4, decoder_batch=3).decoder_batch_for(torch.device("cuda")) == 3
+    with pytest.raises(ValueError, match="decoder_batch=0"):
+        MaskGenerator(tiny_model, points_per_side=4, decoder_batch=0)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_decode_without_selection_defers_the_filter(tiny_model, exact):
+    """``select=False`` (accelerators: no wait for the device) returns every output's logits;
+    indexed with ``keep`` they are the kept outputs that ``select=True`` returns."""
+    emb = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(7))
+    points = torch.rand(20, 2, dtype=torch.float64) * 128
+    decode = PointBatchDecoder(tiny_model, emb, exact=exact)
+    iou_all, _, _ = decode(points, 0.0)
+    thresh = float(iou_all[:, 0].median())  # > 0: a threshold <= 0 disables the filter
+    iou_s, keep_s, logits_s = decode.decode_cropped(points, thresh, (6, 8), select=True)
+    iou_a, keep_a, logits_a = decode.decode_cropped(points, thresh, (6, 8), select=False)
+    assert torch.equal(keep_a, keep_s) and torch.equal(iou_a, iou_s) and 0 < int(keep_s.sum()) < 60
+    assert logits_a.shape == (60, 24, 32)
+    torch.testing.assert_close(logits_a[keep_a.flatten()], logits_s, rtol=1e-5, atol=1e-5)
+
+
+def test_generator_on_an_accelerator_path_gives_the_same_masks(tiny_model, tiny_image, monkeypatch):
+    """The generator's accelerator path (decode every prompt, filter the crop once) run on CPU:
+    the records of the CPU path (selection in the decoder), logits to the float rounding of
+    upscaling other batches of prompts (the random tiny model's masks flip at that rounding)."""
+    settings = dict(points_per_side=6, pred_iou_thresh=0.02, stability_score_thresh=0.0, box_nms_thresh=1.0, decoder_batch=5)
+    cpu = MaskGenerator(tiny_model, **settings).generate(tiny_image)
+    monkeypatch.setattr(MaskGenerator, "selects_in_decoder", lambda self: False)
+    out = MaskGenerator(tiny_model, **settings).generate(tiny_image)
+    assert 0 < len(out) == len(cpu) < 108
+    for a, b in zip(cpu, out):
+        assert a["point_coords"] == b["point_coords"] and a["predicted_iou"] == b["predicted_iou"]
+        assert mask_utils.iou([a["segmentation"]], [b["segmentation"]], [0])[0, 0] >= 0.95
+        np.testing.assert_allclose(a["low_res_logits"], b["low_res_logits"], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decoding_loop_never_waits_for_the_device(tiny_model, tiny_image):
+    """On CUDA the loop over decoder batches makes no host sync (sync debug mode raises on one),
+    and the masks equal the CPU generator's."""
+    settings = dict(points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, decoder_batch=4)
+    cpu = MaskGenerator(tiny_model, **settings).generate(tiny_image)
+    model = build_sum_model(model_config("tiny"))
+    model.load_state_dict(tiny_model.state_dict())
+    model = model.cuda().eval()
+    gen = MaskGenerator(model, **settings)
+    emb, input_size = gen.embed(tiny_image)
+    decode = PointBatchDecoder(model, emb)
+    points = torch.rand(12, 2, dtype=torch.float64, device="cuda") * 128
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(0, 12, 4):
+            decode.decode_cropped(points[i : i + 4], 0.5, (6, 8), select=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    out = gen.generate(tiny_image)
+    assert len(out) == len(cpu) > 0
+    for a, b in zip(cpu, out):
+        assert mask_utils.iou([a["segmentation"]], [b["segmentation"]], [0])[0, 0] >= 0.95

@@ -23,10 +23,13 @@ from sum.model.checkpoint import load_model
 from sum.model.fast import (
     OFF,
     FastPath,
+    FlexAttention,
     SdpaAttention,
     apply_fast_path,
+    decomposed_rel_pos_bias,
     enable_fast_path,
     fast_path_of,
+    rel_pos_tables,
     resolve_fast_path,
 )
 from sum.model.predictor import SumPredictor
@@ -156,6 +159,72 @@ def test_sdpa_attention_matches_sam_attention_fp32():
         assert torch.equal(encoder(x), want_out)
 
 
+def test_flex_attention_matches_sam_attention_fp32():
+    """FlexAttention (eager on CPU) with the rel-pos term as a score_mod, against SAM's attention:
+    windowed (block 0) and global (block 1) blocks, random rel-pos tables, and the whole encoder."""
+    model = tiny_model()
+    encoder = model.image_encoder
+    with torch.no_grad():
+        for blk in encoder.blocks:
+            blk.attn.rel_pos_h.normal_(0.0, 0.5)
+            blk.attn.rel_pos_w.normal_(0.0, 0.5)
+    x = model.preprocess(torch.rand(2, 3, 128, 128) * 255)
+    with torch.no_grad():
+        tokens = encoder.patch_embed(x) + encoder.pos_embed  # (B, 8, 8, C)
+        windows, _ = sam_image_encoder.window_partition(tokens, 4)  # (B * 4, 4, 4, C)
+        inputs = {0: windows, 1: tokens}
+        want = {i: encoder.blocks[i].attn(inputs[i]) for i in (0, 1)}
+        want_out = encoder(x)
+        plan = apply_fast_path(model, FastPath(fused_attention=True, flex_attention=True))
+        assert all(type(blk.attn) is FlexAttention for blk in encoder.blocks) and fast_path_of(model) == plan
+        for i in (0, 1):
+            assert float((encoder.blocks[i].attn(inputs[i]) - want[i]).abs().max()) <= 1e-5, f"block {i}"
+        assert float((encoder(x) - want_out).abs().max()) <= 1e-5
+        apply_fast_path(model, OFF)
+        assert all(type(blk.attn) is sam_image_encoder.Attention for blk in encoder.blocks)
+    with pytest.raises(ValueError, match="flex_attention"):
+        apply_fast_path(model, FastPath(flex_attention=True))
+
+
+def test_rel_pos_tables_broadcast_to_the_dense_bias():
+    """`rel_pos_tables` are the factors of `decomposed_rel_pos_bias`: query i, key (kh, kw) gets
+    rel_h[i, kh] + rel_w[i, kw], checked against SAM's add_decomposed_rel_pos on a zero map."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4 * 5, 8, generator=g)
+    rel_h, rel_w = torch.randn(7, 8, generator=g), torch.randn(9, 8, generator=g)
+    want = sam_image_encoder.add_decomposed_rel_pos(torch.zeros(3, 20, 20), q, rel_h, rel_w, (4, 5), (4, 5))
+    th, tw = rel_pos_tables(q, rel_h, rel_w, (4, 5), (4, 5))
+    assert th.shape == (3, 20, 4) and tw.shape == (3, 20, 5)
+    torch.testing.assert_close(decomposed_rel_pos_bias(q, rel_h, rel_w, (4, 5), (4, 5)), want)
+    torch.testing.assert_close(th[:, 7, 2] + tw[:, 7, 3], want[:, 7, 2 * 5 + 3])
+
+
+def test_compile_option_runs_the_encoder_through_torch_compile(monkeypatch):
+    """``compile`` wraps the encoder's own forward in torch.compile (recorded here, not compiled:
+    inductor on CPU is slow and unmeasured) and switching off removes it; load_model reads
+    ``ModelConfig.compile_encoder``."""
+    compiled = []
+
+    def fake_compile(fn):
+        compiled.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = tiny_model()
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        want = model.image_encoder(x)
+        assert enable_fast_path(model, "off", compile=True) == FastPath(compile=True)
+        assert fast_path_of(model) == FastPath(compile=True)
+        assert torch.equal(model.image_encoder(x), want)
+        assert compiled == [sam_image_encoder.ImageEncoderViT.forward]
+        enable_fast_path(model, "off")
+        assert type(model.image_encoder) is sam_image_encoder.ImageEncoderViT
+    cfg = model_config("tiny")
+    cfg.compile_encoder = True
+    assert fast_path_of(load_model(cfg, device="cpu", fast_path="off")).compile
+
+
 def test_fast_path_switches_on_and_off_keeping_state_dict():
     model = tiny_model()
     keys = list(model.state_dict())
@@ -176,9 +245,10 @@ def test_resolve_fast_path(monkeypatch):
     vit = tiny_model()
     tiny_vit = build_sum_model(model_config("mobile_sam"))
     full_vit = FastPath(fused_attention=True, bf16_autocast=True, channels_last=True)
-    assert resolve_fast_path(vit, "auto", "cuda") == full_vit
+    assert resolve_fast_path(vit, "auto", "cuda") == FastPath(fused_attention=True, flex_attention=True, bf16_autocast=True, channels_last=True)
     assert resolve_fast_path(vit, "auto", "cpu") == OFF
-    assert resolve_fast_path(vit, "on", "cpu") == full_vit
+    assert resolve_fast_path(vit, "on", "cpu") == full_vit  # SDPA: eager FlexAttention is slow
+    assert resolve_fast_path(vit, "off", "cpu", compile=True) == FastPath(compile=True)
     assert resolve_fast_path(tiny_vit, "auto", "cuda") == FastPath(bf16_autocast=True, channels_last=True)
     monkeypatch.setattr(fast, "cpu_has_native_bf16", lambda: True)
     assert resolve_fast_path(tiny_vit, "auto", "cpu") == FastPath(bf16_autocast=True, channels_last=True)
@@ -276,6 +346,23 @@ class TestVitBOnGpu:
         check_prompt_kinds(ref, ours, image)
 
     def test_fast_path_masks_agree_with_fp32(self, model):
-        assert enable_fast_path(model, "auto") == FastPath(fused_attention=True, bf16_autocast=True, channels_last=True)
+        assert enable_fast_path(model, "auto") == FastPath(fused_attention=True, flex_attention=True, bf16_autocast=True, channels_last=True)
         images = [shapes_image(480, 640, seed=0), shapes_image(600, 400, seed=2)]
         assert fast_vs_fp32_iou(model, images, mode="auto") >= 0.99
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_flex_attention_matches_sam_attention_on_cuda():
+    """Compiled FlexAttention on CUDA (vit_b's global-block shape, 64x64 tokens, random rel-pos
+    tables) against SAM's attention, fp32."""
+    torch.manual_seed(0)
+    attn = sam_image_encoder.Attention(768, num_heads=12, use_rel_pos=True, input_size=(64, 64)).cuda().eval()
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(0.0, 0.5)
+        attn.rel_pos_w.normal_(0.0, 0.5)
+        x = torch.randn(1, 64, 64, 768, device="cuda")
+        want = attn(x)
+        attn.__class__ = FlexAttention
+        got = attn(x)
+    assert float((got - want).abs().max()) <= 1e-3

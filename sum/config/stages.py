@@ -48,6 +48,7 @@ class ModelConfig:
     # encoder speed (sum.model.fast): "auto" = bf16 autocast + fused attention on CUDA; on CPU, bf16
     # autocast + channels_last for TinyViT where the CPU has native bf16 (measured 3x), else fp32
     fast_path: str = "auto"
+    compile_encoder: bool = False  # torch.compile the encoder forward (for CUDA; sum.model.fast)
     device: str = "auto"  # "auto" = cuda if available else cpu
 
 
@@ -92,6 +93,7 @@ class PseudoConfig:
     crop_overlap_ratio: float = 512 / 1500
     min_mask_region_area: int = 0
     decoder: str = "fast"
+    decoder_batch: Optional[int] = None  # grid points decoded together; None = sized per device
     # read-time selection (spec §3.5)
     min_ratio: float = 100.0
     max_ratio: float = 0.95

@@ -363,7 +363,7 @@ def load_model(
             checkpoint = read_checkpoint(checkpoint, sha256=sha256, s3=s3, cache_dir=cache_dir)
         model = _from_checkpoint(checkpoint, cfg)
     model = model.to(device)
-    plan = enable_fast_path(model, mode, device=device)
+    plan = enable_fast_path(model, mode, device=device, compile=cfg is not None and cfg.compile_encoder)
     log.info("model on %s, fast path %s", device, plan)
     return model
 

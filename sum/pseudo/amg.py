@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 DECODERS = ("fast", "exact")
+# decoder_batch=None: grid points decoded together. On CPU 4, the earlier fixed value: its batches of
+# image tokens stay in cache, and other sizes round the decoder's floats differently (masks equal,
+# bits not always); on an accelerator a batch must be large enough to fill it.
+DECODER_BATCH_CPU = 4
+DECODER_BATCH_ACCELERATOR = 256
 
 
 class MaskGenerator:
@@ -73,7 +78,7 @@ class MaskGenerator:
         task_prompt: int = 0,
         decoder: str = "fast",
         upsample_batch: int = 16,
-        decoder_batch: int = 4,
+        decoder_batch: Optional[int] = None,
     ) -> None:
         """SAM's automatic mask generator for pseudo-labels (spec §3.3), same masks as
         `segment_anything.SamAutomaticMaskGenerator` at equal settings.
@@ -93,10 +98,10 @@ class MaskGenerator:
           decoder (str): "fast" (`PointBatchDecoder`, float rounding differs from SAM's decoder)
             or "exact" (SAM's `MaskDecoder`).
           upsample_batch (int): survivors upsampled to full resolution at a time (memory).
-          decoder_batch (int): with ``decoder="fast"``, grid points decoded together inside a
-            ``points_per_batch`` batch. Prompts are independent, so this changes nothing but
-            speed: the per-prompt image tokens (B x 4096 x 256 floats) of a small batch stay in
-            cache, where 64 of them stream through memory at every operation.
+          decoder_batch (int or None): with ``decoder="fast"``, grid points decoded together
+            inside a ``points_per_batch`` batch. Prompts are independent, so this changes nothing
+            but speed and memory (B x 4096 x 256 floats of image tokens per batch). None: sized
+            per device (`decoder_batch_for`).
         """
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("exactly one of points_per_side or point_grids must be given")
@@ -128,13 +133,26 @@ class MaskGenerator:
         self.task_prompt = int(task_prompt)
         self.decoder = decoder
         self.upsample_batch = upsample_batch
-        if decoder_batch < 1:
-            raise ValueError(f"decoder_batch={decoder_batch}: expected >= 1")
+        if decoder_batch is not None and decoder_batch < 1:
+            raise ValueError(f"decoder_batch={decoder_batch}: expected >= 1 or None (sized per device)")
         self.decoder_batch = decoder_batch
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def decoder_batch_for(self, device: torch.device) -> int:
+        """``decoder_batch``, or where it is None the default of ``device``'s type:
+        `DECODER_BATCH_CPU` on CPU, `DECODER_BATCH_ACCELERATOR` elsewhere."""
+        if self.decoder_batch is not None:
+            return self.decoder_batch
+        return DECODER_BATCH_CPU if device.type == "cpu" else DECODER_BATCH_ACCELERATOR
+
+    def selects_in_decoder(self) -> bool:
+        """Whether the decoder upscales only prompts with a kept output: on CPU, where their
+        indices cost nothing. Elsewhere it upscales all and the crop's outputs are filtered after
+        its decoding, which then waits for the device once."""
+        return self.device.type == "cpu"
 
     def input_size(self, original_size: Sequence[int]) -> Tuple[int, int]:
         """(h, w) of an image of ``original_size`` after `ResizeLongestSide`, before padding."""
@@ -270,24 +288,31 @@ class MaskGenerator:
         points_for_image = self.point_grids[layer_idx] * points_scale
         token_hw = self._token_crop(embedding, input_size) if self.decoder == "fast" else None
         low_res = 4 * embedding.shape[-2]  # SAM's low-res logits: 4x the (square) embedding grid
-        step = self.decoder_batch if self.decoder == "fast" else self.points_per_batch
-        parts = []
+        step = self.decoder_batch_for(self.device) if self.decoder == "fast" else self.points_per_batch
+        select = self.selects_in_decoder()
+        iou, keep, logits = [], [], []
+        if len(points_for_image) == 0:
+            return _empty_crop((low_res, low_res))
         for (points,) in batch_iterator(self.points_per_batch, points_for_image):
             in_points = torch.as_tensor(self.transform.apply_coords(points, crop_size), device=self.device)
             # the fast decoder's prompts are independent: decode and filter ``decoder_batch`` at a time
             for i in range(0, len(points), step):
-                iou_b3, keep_b3, low_res_khw = decode.decode_cropped(in_points[i : i + step], self.pred_iou_thresh, token_hw)
-                n_out = keep_b3.shape[1]
-                batch = MaskData(
-                    iou_preds=iou_b3.flatten(0, 1)[keep_b3.flatten()],
-                    points=torch.as_tensor(points[i : i + step].repeat(n_out, axis=0))[keep_b3.flatten().cpu()],
-                    low_res_logits=low_res_khw,
-                    output=torch.nonzero(keep_b3)[:, 1].cpu(),
-                )
-                parts.extend(self._filter_upsampled(batch, input_size, crop_size, crop_box, orig_size, low_res))
+                iou_b3, keep_b3, logits_khw = decode.decode_cropped(in_points[i : i + step], self.pred_iou_thresh, token_hw, select)
+                iou.append(iou_b3)
+                keep.append(keep_b3)
+                logits.append(logits_khw)
+        keep_n3 = torch.cat(keep)
+        logits_khw = torch.cat(logits) if select else torch.cat(logits)[keep_n3.flatten()]
+        keep_cpu_n3 = keep_n3.cpu()  # the one wait for the device of this crop's decoding
+        batch = MaskData(
+            iou_preds=torch.cat(iou).flatten()[keep_n3.flatten()],
+            points=torch.as_tensor(points_for_image.repeat(keep_n3.shape[1], axis=0))[keep_cpu_n3.flatten()],
+            low_res_logits=logits_khw,
+            output=torch.nonzero(keep_cpu_n3)[:, 1],
+        )
+        parts = self._filter_upsampled(batch, input_size, crop_size, crop_box, orig_size, low_res)
         if not parts:
-            he, we = embedding.shape[-2:]
-            return _empty_crop((4 * he, 4 * we))
+            return _empty_crop((low_res, 4 * embedding.shape[-1]))
         data = _concat(parts)
         keep = batched_nms(
             data["boxes"].float(), data["iou_preds"], torch.zeros(len(data["boxes"])), iou_threshold=self.box_nms_thresh
@@ -365,7 +390,7 @@ class MaskGenerator:
             masks_khw = masks_khw[keep]
             if any(pad):
                 masks_khw = F.pad(masks_khw, pad, value=0)
-            chunk["rles"] = mask_to_rle_pytorch(masks_khw)
+            chunk["rles"] = mask_to_rle_pytorch(masks_khw.cpu())  # one copy, not a wait per mask
             chunk["low_res_logits"] = chunk["low_res_logits"].to(torch.float16).cpu()
             chunk["iou_preds"] = chunk["iou_preds"].cpu()
             chunk["stability_score"] = chunk["stability_score"].cpu()

@@ -87,7 +87,7 @@ class PointBatchDecoder:
 
     @torch.no_grad()
     def decode_cropped(
-        self, points_b2: Tensor, pred_iou_thresh: float, token_hw: Optional[Tuple[int, int]]
+        self, points_b2: Tensor, pred_iou_thresh: float, token_hw: Optional[Tuple[int, int]], select: bool = True
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """`__call__`, with the kept outputs' logits upscaled only over the top-left
         ``token_hw = (th, tw)`` image tokens (None: all): (K, 4*th, 4*tw).
@@ -95,6 +95,11 @@ class PointBatchDecoder:
         SAM's output upscaling maps each image token to its own 4x4 block of low-res pixels (two
         kernel-2 stride-2 transposed convolutions), so the block is what the full upscaling
         computes there. `complete_logits` adds the rest for the masks that survive.
+
+        ``select=False`` upscales every prompt and returns the logits of all outputs (B*3, 4*th,
+        4*tw), row-major, for the caller to index with ``keep`` later: nothing here then waits
+        for the device (the choice for accelerators). ``select=True`` upscales only prompts with
+        a kept output, which needs their indices on the host (free on CPU, a sync elsewhere).
         """
         sparse_btc, dense_bchw = self.embed_points(points_b2)
         he, we = self.embedding.shape[-2:]
@@ -102,19 +107,23 @@ class PointBatchDecoder:
         if self.exact:
             low_res_b3hw, iou_b3 = decode(self.decoder, self.embedding, self.image_pe, sparse_btc, dense_bchw, True, exact=True)
             keep_b3 = iou_keep(iou_b3, pred_iou_thresh)
-            return iou_b3, keep_b3, low_res_b3hw[keep_b3][:, : 4 * th, : 4 * tw]
+            low_res_b3hw = low_res_b3hw[..., : 4 * th, : 4 * tw]
+            return iou_b3, keep_b3, low_res_b3hw[keep_b3] if select else low_res_b3hw.flatten(0, 1)
 
         hs_btc, keys_bnc = self._transformer(sparse_btc, dense_bchw[:1])
         iou_b3 = self.decoder.iou_prediction_head(hs_btc[:, 0, :])[:, 1:]  # hs: iou, mask tokens 1..
         keep_b3 = iou_keep(iou_b3, pred_iou_thresh)
-        any_b = keep_b3.any(dim=1)
-        if not bool(any_b.any()):
-            return iou_b3, keep_b3, keys_bnc.new_zeros((0, 4 * th, 4 * tw))
-        rows = torch.nonzero(any_b).flatten()
+        if select:
+            rows = torch.nonzero(keep_b3.any(dim=1)).flatten()
+            if len(rows) == 0:
+                return iou_b3, keep_b3, keys_bnc.new_zeros((0, 4 * th, 4 * tw))
+        else:
+            rows = torch.arange(len(keys_bnc), device=keys_bnc.device)
         low_res = []
         for (idx,) in batch_iterator(16, rows):
             keys = token_block(keys_bnc[idx], (he, we), (0, th), (0, tw))
-            low_res.append(upscale_masks(self.decoder, keys, self._hyper(hs_btc[idx]), (th, tw))[keep_b3[idx]])
+            low_res_k3hw = upscale_masks(self.decoder, keys, self._hyper(hs_btc[idx]), (th, tw))
+            low_res.append(low_res_k3hw[keep_b3[idx]] if select else low_res_k3hw.flatten(0, 1))
         return iou_b3, keep_b3, torch.cat(low_res)
 
     @torch.no_grad()
