@@ -176,3 +176,56 @@ def test_click_arrays():
     np.testing.assert_array_equal(labels, [1, 0])
     coords, labels = click_arrays([])
     assert coords.shape == (0, 2) and labels.shape == (0,)
+
+
+def blobs(rng, k: int, h: int, w: int, sigma: float = 3.0) -> np.ndarray:
+    import cv2
+
+    return np.stack([cv2.GaussianBlur(rng.random((h, w)), (0, 0), sigma) > 0.5 for _ in range(k)])
+
+
+def test_interior_distance_sq_is_scipys_exact_transform_squared():
+    """The batched torch transform against scipy's EDT of the zero-padded masks (small chunks so
+    that the chunk loop runs), and a hand-made case: a 3x5 block on the border."""
+    import torch
+    from scipy import ndimage
+
+    from sum.eval.clicker import interior_distance_sq
+
+    rng = np.random.default_rng(1)
+    masks = np.concatenate([blobs(rng, 4, 33, 47), (rng.random((2, 33, 47)) < 0.8), np.ones((1, 33, 47), bool),
+                            disk(33, 47, 16, 20, 12)[None], np.zeros((1, 33, 47), bool)])
+    got = interior_distance_sq(torch.from_numpy(masks), chunk_elems=3000).numpy()
+    want = np.stack([ndimage.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1] ** 2 for m in masks])
+    np.testing.assert_array_equal(got, np.rint(want).astype(np.int64))
+    block = interior_distance_sq(torch.ones((1, 3, 5), dtype=torch.bool))[0].numpy()
+    np.testing.assert_array_equal(block, [[1, 1, 1, 1, 1], [1, 4, 4, 4, 1], [1, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match=r"expected \(B, H, W\)"):
+        interior_distance_sq(torch.ones((3, 5)))
+
+
+def test_batched_next_clicks_equal_the_per_mask_clicker(monkeypatch):
+    """`next_clicks` on random masks and predictions, with earlier clicks excluded, gives the clicks
+    of `next_click` (computed with scipy's exact transform: cv2's rounds ties at 1e-6)."""
+    import torch
+    from scipy import ndimage
+
+    import sum.eval.clicker as clicker
+
+    monkeypatch.setattr(clicker, "interior_distance",
+                        lambda m: ndimage.distance_transform_edt(np.pad(np.asarray(m, bool), 1))[1:-1, 1:-1])
+    rng = np.random.default_rng(2)
+    gt, pred = blobs(rng, 12, 40, 53), blobs(rng, 12, 40, 53, sigma=4.0)
+    pred[0] = gt[0]  # no error: no click
+    pred[1] = ~gt[1]
+    clicked = [[clicker.first_click(g)] if g.any() else [] for g in gt]
+    clicked_khw = np.zeros_like(gt)
+    for i, cs in enumerate(clicked):
+        for c in cs:
+            clicked_khw[i, c.y, c.x] = True
+    xy, label, has = clicker.next_clicks(torch.from_numpy(gt), torch.from_numpy(pred), torch.from_numpy(clicked_khw))
+    for i in range(len(gt)):
+        want = clicker.next_click(gt[i], pred[i], clicked[i])
+        got = Click(int(xy[i, 0]), int(xy[i, 1]), int(label[i])) if bool(has[i]) else None
+        assert got == want, i
+    assert not bool(has[0]) and bool(has[1:].all())

@@ -671,3 +671,20 @@ def test_size_table_means_by_task_and_band():
     ]
     assert area_band(0.0) == "0-0.0003" and area_band(1e-3) == "0.001-0.003" and area_band(1.0) == "0.01-1"
     assert size_table([dataclasses.replace(records[0], image_area=0)], {"b_part": "part"}) == ""
+
+
+@pytest.mark.parametrize("protocol, selection", [("point", "oracle"), ("box", "predicted_iou"), ("point", "token0")])
+def test_device_path_scores_and_clicks_like_the_host_path(predictor_and_sample, exact_distances, protocol, selection):
+    """``on_device``: masks, scores and clicks kept on the model's device (here the CPU) give the
+    host path's clicks, IoUs, boundary IoUs and kept masks, with the NoC stop past the reported
+    rounds."""
+    predictor, gt = predictor_and_sample
+    kw = dict(keep_rounds=[1, 3], decoder="exact", stop_iou=0.6, stop_after=3)
+    host = run_protocol(predictor, gt, protocol, 5, selection, on_device=False, **kw)
+    dev = run_protocol(predictor, gt, protocol, 5, selection, on_device=True, **kw)
+    assert dev.clicks == host.clicks
+    np.testing.assert_array_equal(dev.iou, host.iou)
+    np.testing.assert_array_equal(dev.biou, host.biou)
+    np.testing.assert_array_equal(dev.clicks_at, host.clicks_at)
+    for r in (1, 3):
+        np.testing.assert_array_equal(dev.kept[r], host.kept[r])

@@ -301,3 +301,23 @@ def test_iou_matrix_equals_pycocotools():
     assert got[2, 1] == 0.0  # both empty
     with pytest.raises(ValueError, match="cannot be compared"):
         mask_iou_matrix(a, b[:, :, :50])
+
+
+def test_device_metrics_equal_the_numpy_ones():
+    """`mask_iou_t` and `boundary_iou_t` on torch masks give `mask_iou_batch` and `boundary_iou`
+    exactly, on random blobs of several sizes (the erosion's d changes with the diagonal), with an
+    empty pair and a full mask cut by the border."""
+    import cv2
+    import torch
+
+    from sum.eval.metrics import boundary_iou_t, mask_iou_t
+
+    rng = np.random.default_rng(4)
+    for h, w in [(20, 31), (97, 64), (150, 211)]:
+        g = np.stack([cv2.GaussianBlur(rng.random((h, w)), (0, 0), 5) > 0.5 for _ in range(5)])
+        p = np.stack([cv2.GaussianBlur(rng.random((h, w)), (0, 0), 5) > 0.5 for _ in range(5)])
+        g[0], p[0] = False, False
+        g[1] = True
+        np.testing.assert_array_equal(mask_iou_t(torch.from_numpy(p), torch.from_numpy(g)).numpy(), mask_iou_batch(p, g))
+        want = [boundary_iou(g[i], p[i]) for i in range(5)]
+        np.testing.assert_array_equal(boundary_iou_t(torch.from_numpy(g), torch.from_numpy(p)).numpy(), want)

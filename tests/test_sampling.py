@@ -276,3 +276,29 @@ def test_first_prompt_type_is_box_half_the_time():
     is_box = sample_first_prompt_is_box(4000, generator=gen(10))
     n_box = int(is_box.sum())
     assert chi_square([n_box, 4000 - n_box], [1, 1]) < CHI2_CRIT_0001[1]
+
+
+def test_error_clicks_without_host_sync_match_where_there_is_an_error(monkeypatch):
+    """The accelerator path of `sample_error_clicks` (forced on the CPU here): no value read on
+    the host (a tensor's ``__bool__`` fails), the same clicks where the error region is non-empty
+    (the region's draw comes first from the same generator), and the D11 fallback elsewhere: label
+    1 inside the target, or the backup point."""
+    import sum.train.sampling as sampling
+
+    rng = np.random.default_rng(0)
+    target = torch.from_numpy(rng.random((6, 1, 9, 11)) < 0.5)
+    pred = torch.from_numpy(rng.random((6, 1, 9, 11)) < 0.5)
+    pred[2] = target[2]  # no error: fallback
+    want = sampling.sample_error_clicks(pred, target, generator=gen(5))
+    monkeypatch.setattr(sampling, "host_syncs_are_free", lambda device: False)
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: pytest.fail("host sync in the sampler"))
+    got = sampling.sample_error_clicks(pred, target, generator=gen(5))
+    monkeypatch.undo()
+    ok = [0, 1, 3, 4, 5]
+    assert got.coords[ok].tolist() == want.coords[ok].tolist() and got.labels[ok].tolist() == want.labels[ok].tolist()
+    x, y = (int(v) for v in got.coords[2, 0])
+    assert target[2, 0, y, x] and got.labels[2, 0].item() == 1 and got.is_fallback.tolist() == [False, False, True] + [False] * 3
+    monkeypatch.setattr(sampling, "host_syncs_are_free", lambda device: False)
+    backup = torch.arange(12, dtype=torch.float32).reshape(6, 2)
+    got = sampling.sample_error_clicks(pred, target, generator=gen(5), backup_points_k2=backup)
+    assert got.coords[2, 0].tolist() == [4.0, 5.0] and got.labels[2, 0].item() == 1

@@ -19,6 +19,10 @@ Conventions (spec §10.3, resolved where it is silent):
   (smallest y, then smallest x) wins (``np.argmax``).
 - **No error.** When the prediction equals the ground truth there is nothing to correct and
   `next_click` returns None; the caller decides (usually: keep the last score for later rounds).
+- **On the device.** `interior_distance_sq` and `next_clicks` do the same for a batch of torch masks
+  where they live (exact squared distances in integers, one call for all targets), for runs on an
+  accelerator. On the CPU the per-mask cv2 transform stays the default: it is faster there and its
+  clicks are those of every earlier run.
 - **Coordinates.** ``Click.x`` is the column, ``Click.y`` the row, in pixels of the mask given;
   ``(x, y)`` is SAM's ``point_coords`` order. ``label`` is SAM's ``point_labels``: 1 positive,
   0 negative.
@@ -30,14 +34,20 @@ from typing import Iterable, NamedTuple
 
 import cv2
 import numpy as np
+import torch
+
+from sum.data.formats import masks_to_boxes
 
 __all__ = [
     "Click",
     "interior_distance",
+    "interior_distance_sq",
+    "next_clicks",
     "first_click",
     "next_click",
     "boundary_click",
     "click_arrays",
+    "first_prompts",
 ]
 
 
@@ -176,6 +186,75 @@ def boundary_click(gt: np.ndarray, width: int = 10, border_is_edge: bool = False
     return Click(int(x), int(y), 1)
 
 
+def interior_distance_sq(mask_bhw: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """`interior_distance` squared, exactly, for a batch of masks on their device (spec §10.3).
+
+    Separable: the distance to the nearest outside pixel of the same column (the border counts as
+    outside), then ``D²(y, x) = min_x' g(y, x')² + (x − x')²`` with the border columns at
+    ``x' = −1`` and ``W``, by brute force over ``x'`` in chunks of about ``chunk_elems`` elements:
+    integer arithmetic, so the result is exact and has no ties that rounding could flip.
+
+    Arguments:
+      mask_bhw: (B, H, W) masks; non-zero = region.
+      chunk_elems: elements per chunk of the brute-force pass (memory, not result).
+
+    Returns:
+      (B, H, W) int32 squared distances; 0 outside the masks.
+    """
+    if mask_bhw.ndim != 3:
+        raise ValueError(f"masks have shape {tuple(mask_bhw.shape)}: expected (B, H, W)")
+    m = mask_bhw != 0
+    b, h, w = m.shape
+    dev = m.device
+    ys = torch.arange(h, device=dev, dtype=torch.int32)[None, :, None]
+    above = torch.where(m, torch.full_like(ys, -1), ys).cummax(dim=1).values  # last outside row at or above
+    below = torch.where(m, torch.full_like(ys, h), ys).flip(1).cummin(dim=1).values.flip(1)
+    g = torch.minimum(ys - above, below - ys)  # (B, H, W) column distance
+    g2 = (g * g).reshape(b * h, 1, w)
+    xs = torch.arange(w, device=dev, dtype=torch.int32)
+    border = torch.minimum(xs + 1, w - xs) ** 2  # the zero columns at -1 and W
+    out = torch.empty((b * h, w), dtype=torch.int32, device=dev)
+    step = max(1, chunk_elems // max(1, b * h * w))
+    for x0 in range(0, w, step):
+        xc = xs[x0 : x0 + step]
+        dx2 = (xc[:, None] - xs[None, :]) ** 2  # (c, W)
+        out[:, x0 : x0 + step] = torch.minimum((g2 + dx2[None]).amin(dim=2), border[x0 : x0 + step])
+    return torch.where(m, out.reshape(b, h, w), 0)
+
+
+def next_clicks(
+    gt_khw: torch.Tensor, pred_khw: torch.Tensor, clicked_khw: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`next_click` for K targets at once, on their device, with no host sync (spec §10.3).
+
+    The same rule: the deeper of the false-negative and false-positive sets by `interior_distance`
+    (ties positive), the first pixel in row-major order at that depth, clicked pixels excluded.
+
+    Arguments:
+      gt_khw, pred_khw: (K, H, W) ground truths and binarised predictions.
+      clicked_khw: (K, H, W) bool, True at pixels clicked before, or None.
+
+    Returns:
+      ``(xy_k2, label_k, has_k)``: (x, y) int64, label int64 (1 positive, 0 negative) and bool,
+      False where there is no clickable error (`next_click` returns None there; xy and label are
+      then meaningless).
+    """
+    if gt_khw.shape != pred_khw.shape or gt_khw.ndim != 3:
+        raise ValueError(f"ground truths {tuple(gt_khw.shape)} and predictions {tuple(pred_khw.shape)}: expected the same (K, H, W)")
+    gt, pred = gt_khw != 0, pred_khw != 0
+    k, h, w = gt.shape
+    d2 = interior_distance_sq(torch.cat([gt & ~pred, pred & ~gt]))  # (2K, H, W): FN then FP
+    if clicked_khw is not None:
+        d2 = d2.masked_fill(clicked_khw.repeat(2, 1, 1), 0)
+    flat = d2.reshape(2 * k, -1)
+    where = flat.argmax(dim=1)  # the first maximal index: row-major order
+    best = flat.gather(1, where[:, None])[:, 0]
+    positive = best[:k] >= best[k:]
+    index = torch.where(positive, where[:k], where[k:])
+    xy_k2 = torch.stack([index % w, index // w], dim=1)
+    return xy_k2, positive.long(), (best[:k] > 0) | (best[k:] > 0)
+
+
 def click_arrays(clicks: Iterable[Click]) -> tuple[np.ndarray, np.ndarray]:
     """Accumulated clicks as SAM prompt arrays (spec §10.3: prompts accumulate across rounds).
 
@@ -186,3 +265,13 @@ def click_arrays(clicks: Iterable[Click]) -> tuple[np.ndarray, np.ndarray]:
     coords = np.array([[c.x, c.y] for c in clicks], dtype=np.float32).reshape(-1, 2)
     labels = np.array([c.label for c in clicks], dtype=np.int64)
     return coords, labels
+
+
+def first_prompts(gt_khw: np.ndarray, protocol: str, boundary_width: int):
+    """Round 1's prompts of spec §10.3: the tight boxes (no jitter) and no click, or one click per
+    target (interior-most point, or the boundary's 'median' point)."""
+    if protocol == "box":
+        return masks_to_boxes(gt_khw), [[] for _ in gt_khw]
+    if protocol == "point":
+        return None, [[first_click(g)] for g in gt_khw]
+    return None, [[boundary_click(g, width=boundary_width)] for g in gt_khw]

@@ -1,6 +1,8 @@
 """Mask IoU, boundary IoU, NoC, NoF and the benchmark aggregation of spec §10.2.
 
-All functions are pure and work on numpy arrays (metrics) or plain dicts/lists (aggregation).
+All functions are pure and work on numpy arrays (metrics) or plain dicts/lists (aggregation);
+`mask_iou_t` and `boundary_iou_t` compute the same scores for batches of torch masks on their
+device (evaluation on an accelerator, no mask copied to the host).
 Masks are binary: any non-zero value counts as foreground. Scores are fractions in [0, 1];
 turning them into the paper's percentages is left to reports.
 
@@ -27,6 +29,8 @@ from typing import Collection, Mapping, Sequence
 
 import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from sum.data.masks import binary_pair, mask_iou
 
@@ -35,6 +39,8 @@ __all__ = [
     "boundary_dilation",
     "mask_to_boundary",
     "boundary_iou",
+    "mask_iou_t",
+    "boundary_iou_t",
     "noc",
     "nof",
     "dataset_mean",
@@ -112,6 +118,36 @@ def boundary_iou(gt: np.ndarray, pred: np.ndarray, dilation_ratio: float = 0.02)
     """
     pred, gt = binary_pair(pred, gt)
     return mask_iou(mask_to_boundary(pred, dilation_ratio), mask_to_boundary(gt, dilation_ratio))
+
+
+def mask_iou_t(preds: torch.Tensor, gts: torch.Tensor) -> torch.Tensor:
+    """`mask_iou_batch` on torch masks where they live: (..., H, W) broadcastable pairs ->
+    float64 IoUs of the leading shape, the same values (integer counts, one float64 division)."""
+    preds, gts = preds != 0, gts != 0
+    if preds.ndim < 2 or gts.ndim < 2 or preds.shape[-2:] != gts.shape[-2:]:
+        raise ValueError(f"masks have shapes {tuple(preds.shape)} and {tuple(gts.shape)}: expected (..., H, W) with the same H, W")
+    inter = (preds & gts).sum(dim=(-2, -1))
+    union = (preds | gts).sum(dim=(-2, -1))
+    return torch.where(union > 0, inter.double() / union.clamp(min=1).double(), 0.0)
+
+
+def boundary_bands_t(mask_khw: torch.Tensor, dilation_ratio: float = 0.02) -> torch.Tensor:
+    """`mask_to_boundary` of K torch masks at once: the erosion by ``(2d + 1)²`` squares (what d
+    iterations of cv2's 3x3 erosion are) as a max-pool of the complement, padded with one ring
+    of outside pixels; beyond it the pool's own padding counts as foreground, as cv2's border."""
+    m = mask_khw != 0
+    h, w = m.shape[-2:]
+    d = boundary_dilation(h, w, dilation_ratio)
+    outside = F.pad((~m).float()[:, None], (1, 1, 1, 1), value=1.0)
+    near_outside = F.max_pool2d(outside, 2 * d + 1, stride=1, padding=d)[:, 0, 1:-1, 1:-1] > 0
+    return m & near_outside
+
+
+def boundary_iou_t(gt_khw: torch.Tensor, pred_khw: torch.Tensor, dilation_ratio: float = 0.02) -> torch.Tensor:
+    """`boundary_iou` of K pairs of torch masks on their device: (K,) float64."""
+    if gt_khw.shape != pred_khw.shape or gt_khw.ndim != 3:
+        raise ValueError(f"masks have shapes {tuple(gt_khw.shape)} and {tuple(pred_khw.shape)}: expected the same (K, H, W)")
+    return mask_iou_t(boundary_bands_t(pred_khw, dilation_ratio), boundary_bands_t(gt_khw, dilation_ratio))
 
 
 def noc(ious_per_round: Sequence[float], threshold: float, max_clicks: int | None = None) -> int:

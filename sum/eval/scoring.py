@@ -16,9 +16,9 @@ from typing import Collection, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from sum.data.formats import masks_to_boxes
-from sum.eval.clicker import Click, boundary_click, first_click, next_click
+from sum.eval.clicker import Click, first_prompts, next_click
 from sum.eval.columns import PIOU_SUFFIX, TP0_SUFFIX
+from sum.eval.device_masks import DeviceMasks
 from sum.eval.metrics import boundary_iou, mask_iou_batch
 from sum.eval.protocol import PROTOCOLS, SELECTIONS, check_checkpoints, task_prompts
 from sum.redact import redact_text
@@ -142,6 +142,7 @@ def predict_round(
     multimask: bool,
     autocast=None,
     decoder: str = "fast",
+    to_host: bool = True,
 ):
     """One prompt-encoder + mask-decoder call for B prompts of the predictor's image.
 
@@ -159,6 +160,7 @@ def predict_round(
       multimask: 3 outputs if True, else token 0 only.
       autocast: a context manager (default: none, fp32).
       decoder: ``fast`` (`sum.model.decoder.decode` folded) or ``exact`` (SAM's ``MaskDecoder``).
+      to_host: masks and predicted IoU as numpy (default), or as tensors left on the device.
 
     Returns:
       masks (B, C, H, W) bool numpy at the original size, low-res logits (B, C, 256, 256) fp32
@@ -187,6 +189,8 @@ def predict_round(
         low_res_bchw = low_res_bchw.float()
         masks_bchw = model.postprocess_masks(low_res_bchw, predictor.input_size, predictor.original_size)
         masks_bchw = masks_bchw > model.mask_threshold
+    if not to_host:
+        return masks_bchw, low_res_bchw, iou_bc.float()
     return masks_bchw.cpu().numpy(), low_res_bchw, iou_bc.float().cpu().numpy()
 
 
@@ -227,6 +231,7 @@ def run_protocol(
     decoder: str = "fast",
     stop_iou: Optional[float] = None,
     stop_after: int = 0,
+    on_device: Optional[bool] = None,
 ) -> ProtocolResult:
     """Simulate one protocol of spec §10.3 on K targets of the predictor's image, batched.
 
@@ -243,6 +248,10 @@ def run_protocol(
       decoder: ``fast`` or ``exact`` (`predict_round`).
       stop_iou, stop_after: the NoC rounds past the ``stop_after`` reported ones (`_next_clicks`);
         there boundary IoU is not computed (NaN). ``stop_after`` 0: every round is reported.
+      on_device: masks, scores and clicks stay on the model's device (`sum.eval.device_masks.DeviceMasks`): no mask is
+        copied to the host, one small copy of the round's scores and clicks a round. Default: on
+        any device but the CPU, where the host path (cv2) is faster and the clicks are the same
+        (`sum.eval.clicker`).
 
     Returns:
       `ProtocolResult`.
@@ -259,11 +268,12 @@ def run_protocol(
         raise ValueError(f"task_prompt_ids has {len(tps)} ids for {rounds} rounds")
     res = ProtocolResult(np.zeros((k, rounds)), np.zeros((k, rounds)), [[] for _ in range(k)], np.zeros((k, rounds), np.int64))
     t0 = time.perf_counter()
-    boxes_k4, res.clicks = _first_prompts(gt_khw, protocol, boundary_width)
+    boxes_k4, res.clicks = first_prompts(gt_khw, protocol, boundary_width)
     res.metrics_s += time.perf_counter() - t0
 
     active = np.ones(k, bool)
-    pred_khw = np.zeros_like(gt_khw)
+    on_device = predictor.device.type != "cpu" if on_device is None else on_device
+    pred_khw = DeviceMasks(gt_khw, res.clicks, predictor.device) if on_device else np.zeros_like(gt_khw)
     mask_input_k1hw: Optional[torch.Tensor] = None
     for r in range(rounds):
         t0 = time.perf_counter()
@@ -279,7 +289,7 @@ def run_protocol(
                 decoder, boundary=stop_after <= 0 or r < stop_after,
             )
         if r + 1 in keep_rounds:
-            res.kept[r + 1] = pred_khw.copy()
+            res.kept[r + 1] = pred_khw.pred.cpu().numpy().copy() if on_device else pred_khw.copy()
     if stop_after > 0:
         res.biou[:, stop_after:] = np.nan
     return res
@@ -291,22 +301,15 @@ def _next_clicks(gt_khw, pred_khw, res: ProtocolResult, active: np.ndarray, r: i
     last scores stand (once IoU 0.95 is reached, NoC@85/90/95 and NoF@95 are known)."""
     if stop_iou is not None:
         active &= res.iou[:, r - 1] < stop_iou
+    if isinstance(pred_khw, DeviceMasks):
+        pred_khw.next_clicks(res.clicks, active)
+        return
     for i in np.flatnonzero(active):
         c = next_click(gt_khw[i], pred_khw[i], res.clicks[i])
         if c is None:
             active[i] = False
         else:
             res.clicks[i].append(c)
-
-
-def _first_prompts(gt_khw: np.ndarray, protocol: str, boundary_width: int):
-    """Round 1's prompts of spec §10.3: the tight boxes (no jitter) and no click, or one click per
-    target (interior-most point, or the boundary's 'median' point)."""
-    if protocol == "box":
-        return masks_to_boxes(gt_khw), [[] for _ in gt_khw]
-    if protocol == "point":
-        return None, [[first_click(g)] for g in gt_khw]
-    return None, [[boundary_click(g, width=boundary_width)] for g in gt_khw]
 
 
 def _decode_round(
@@ -347,10 +350,27 @@ def _decode_round(
         multimask,
         autocast,
         decoder,
+        to_host=not isinstance(pred_khw, DeviceMasks),
     )
     res.decoder_s += time.perf_counter() - t0
     res.decoded += int(idx.size)
     t0 = time.perf_counter()
+    if isinstance(pred_khw, DeviceMasks):
+        best_b = pred_khw.score(res, r, idx, masks_bchw, piou_bc, selection, boundary)
+    else:
+        best_b = _score_on_host(res, r, idx, gt_khw, pred_khw, masks_bchw, piou_bc, selection, boundary)
+    rows = np.arange(idx.size)
+    low_b1hw = low_bchw[torch.as_tensor(rows), torch.as_tensor(best_b, device=low_bchw.device)][:, None]
+    if mask_input_k1hw is None:
+        mask_input_k1hw = torch.zeros((k, *low_b1hw.shape[1:]), dtype=low_b1hw.dtype, device=low_b1hw.device)
+    mask_input_k1hw[torch.as_tensor(idx)] = low_b1hw
+    res.metrics_s += time.perf_counter() - t0
+    return mask_input_k1hw
+
+
+def _score_on_host(res, r, idx, gt_khw, pred_khw, masks_bchw, piou_bc, selection, boundary) -> np.ndarray:
+    """Host path of `_decode_round`'s scoring: the selected outputs into ``pred_khw`` and their
+    IoU (and boundary IoU) into ``res``; returns the selected output of each prompt."""
     ious_bc = mask_iou_batch(masks_bchw, gt_khw[idx][:, None])
     # oracle: closest to the ground truth; predicted_iou: highest predicted IoU; C = 1: token 0
     best_b = (piou_bc if selection == "predicted_iou" else ious_bc).argmax(axis=1)
@@ -359,12 +379,7 @@ def _decode_round(
     res.iou[idx, r] = ious_bc[rows, best_b]
     if boundary:
         res.biou[idx, r] = [boundary_iou(gt_khw[i], pred_khw[i]) for i in idx]
-    low_b1hw = low_bchw[torch.as_tensor(rows), torch.as_tensor(best_b)][:, None]
-    if mask_input_k1hw is None:
-        mask_input_k1hw = torch.zeros((k, *low_b1hw.shape[1:]), dtype=low_b1hw.dtype, device=low_b1hw.device)
-    mask_input_k1hw[torch.as_tensor(idx)] = low_b1hw
-    res.metrics_s += time.perf_counter() - t0
-    return mask_input_k1hw
+    return best_b
 
 
 @dataclass

@@ -136,7 +136,9 @@ def sample_error_clicks(
     proportion to the (weighted) areas. Fallback where R is empty or its certainty sums to zero:
     ``backup_points_k2`` with **label 1**, even where the error would call for a negative click,
     as released (spec §6.4, D11); without backup points a uniform point inside the target with
-    label 1; ``ValueError`` if that target is empty too.
+    label 1; ``ValueError`` if that target is empty too. On an accelerator the fallback is drawn
+    every call and selected on the device (no host sync; no check of empty targets, which the
+    trainer drops upstream, A8); on the CPU only when needed, so CPU runs draw as before.
 
     Arguments:
       pred_k1hw: the previous round's **binarised** prediction (``logits > 0`` at the sampling
@@ -167,7 +169,12 @@ def sample_error_clicks(
     col_k = xy_k2[:, 0].long().clamp(0, w - 1)
     row_k = xy_k2[:, 1].long().clamp(0, h - 1)
     labels_k = target_khw[torch.arange(k, device=target_khw.device), row_k, col_k].long()
-    if not bool(ok_k.all()):
+    if not host_syncs_are_free(target_khw.device):
+        # no host sync: the fallback is drawn every round (targets are non-empty upstream, A8)
+        backup_k2 = backup_points_k2 if backup_points_k2 is not None else draw_pixels(target_khw, None, generator)[0]
+        xy_k2 = torch.where(ok_k[:, None], xy_k2, backup_k2.to(xy_k2))
+        labels_k = torch.where(ok_k, labels_k, torch.ones_like(labels_k))
+    elif not bool(ok_k.all()):  # free on the CPU, and it keeps the draws of every earlier run
         backup_k2 = fallback_points(~ok_k, target_khw, backup_points_k2, generator, "error click")
         xy_k2 = torch.where(ok_k[:, None], xy_k2, backup_k2.to(xy_k2.device))
         labels_k = torch.where(ok_k, labels_k, torch.ones_like(labels_k))
@@ -177,6 +184,12 @@ def sample_error_clicks(
         coords_kn2 = torch.cat([prev_coords.to(coords_kn2), coords_kn2], dim=1)
         labels_kn = torch.cat([prev_labels.to(labels_kn), labels_kn], dim=1)
     return PointPrompt(coords_kn2, labels_kn, ~ok_k)
+
+
+def host_syncs_are_free(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host costs nothing (the CPU) or waits for the
+    device's queue (an accelerator): the samplers branch on data only where it is free."""
+    return torch.device(device).type == "cpu"
 
 
 def sample_error_click(
