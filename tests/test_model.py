@@ -74,6 +74,22 @@ def test_task_prompt_zero_is_stock_sam(prompts):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("pad", [True, False])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_point_embedding_equals_the_official_bit_for_bit(pad, autocast):
+    """The sync-free `_embed_points` gives the official in-place result for labels -1, 0, 1 and
+    others, in fp32 and under bf16 autocast (where pe is bf16)."""
+    model = tiny_model()
+    reference = stock_sam(model)
+    g = torch.Generator().manual_seed(3)
+    coords = torch.rand(5, 4, 2, generator=g) * 64
+    labels = torch.tensor([[1, 0, -1, 1], [0, 0, 0, 0], [-1, -1, 1, 0], [1, 1, 1, 1], [2, -1, 0, 3]]).float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ours = model.prompt_encoder._embed_points(coords, labels, pad)
+        official = reference.prompt_encoder._embed_points(coords, labels, pad)
+    assert ours.dtype == official.dtype and torch.equal(ours, official)
+
+
 def test_non_zero_task_embedding_changes_output(prompts):
     model = tiny_model()
     points, embedding = prompts

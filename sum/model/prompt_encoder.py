@@ -65,6 +65,21 @@ class TaskPromptEncoder(PromptEncoder):
         if not 0 <= t < self.num_task_prompts:
             raise ValueError(f"task_prompt={t}: expected an id in 0..{self.num_task_prompts - 1}")
 
+    def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
+        """``PromptEncoder._embed_points`` without boolean-mask indexing, which waits for the device
+        on CUDA (the pseudo-labeling loop calls it once per decoder batch). The same values bit for
+        bit: each position takes exactly one of ``not_a_point``, ``pe + point_embeddings[0]``,
+        ``pe + point_embeddings[1]`` or ``pe`` (other labels), as the official in-place adds do."""
+        points = points + 0.5  # the centre of the pixel
+        if pad:
+            points = torch.cat([points, points.new_zeros((points.shape[0], 1, 2))], dim=1)
+            labels = torch.cat([labels, -labels.new_ones((labels.shape[0], 1))], dim=1)
+        pe_bnc = self.pe_layer.forward_with_coords(points, self.input_image_size)
+        label_bn1, dtype = labels.unsqueeze(-1), pe_bnc.dtype  # in-place adds keep pe's dtype (bf16 under autocast)
+        out_bnc = torch.where(label_bn1 == 1, (pe_bnc + self.point_embeddings[1].weight).to(dtype), pe_bnc)
+        out_bnc = torch.where(label_bn1 == 0, (pe_bnc + self.point_embeddings[0].weight).to(dtype), out_bnc)
+        return torch.where(label_bn1 == -1, self.not_a_point_embed.weight.to(dtype), out_bnc)
+
     def forward(
         self,
         points: Optional[Tuple[torch.Tensor, torch.Tensor]],
