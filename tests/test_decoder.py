@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sum.model.build import build_sum_model
-from sum.model.decoder import decode, upscaling_is_sam
+from sum.model.decoder import decode, take_tokens, upscaling_is_sam
 
 
 def _model_and_prompts(tiny_cfg, b=5, seed=0):
@@ -95,3 +95,10 @@ def test_the_library_decodes_masks_in_one_place():
         if decoding(node)
     }
     assert found and all(f.startswith("sum/model/decoder.py:") for f in found), sorted(found)
+
+
+@pytest.mark.parametrize("read", [[0, 2, 3, 4], [1], [0, 1, 2, 3], [3, 0, 1], [2, 2]])
+def test_take_tokens_equals_list_indexing(read):
+    """The decoder's sync-free token read equals ``x[:, read]`` (consecutive runs as slices)."""
+    x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(take_tokens(x, read), x[:, read])

@@ -180,8 +180,7 @@ def two_way(
         keys_pe_bnc = keys_bnc + pe_1nc
         shared = None
 
-    read = list(read)
-    queries, query_pe = queries[:, read], query_pe[:, read]
+    queries, query_pe = take_tokens(queries, read), take_tokens(query_pe, read)
     q = queries + query_pe
     if shared is not None:  # a transformer without layers
         attn_out = tr.final_attn_token_to_image(q=q, k=keys_pe_bnc, v=keys_bnc)
@@ -189,6 +188,18 @@ def two_way(
     else:
         attn_out = token_to_image(tr.final_attn_token_to_image, q, keys_pe_bnc, keys_bnc)
     return tr.norm_final_attn(queries + attn_out), keys_bnc
+
+
+def take_tokens(x_btc: Tensor, read: Sequence[int]) -> Tensor:
+    """``x_btc[:, read]`` built from slices of consecutive runs: indexing with a Python list copies
+    the index to the device and waits for it on CUDA (once per decoder call); slices do not."""
+    read = list(read)
+    runs, start = [], 0
+    for j in range(1, len(read) + 1):
+        if j == len(read) or read[j] != read[j - 1] + 1:
+            runs.append(x_btc[:, read[start] : read[j - 1] + 1])
+            start = j
+    return runs[0] if len(runs) == 1 else torch.cat(runs, dim=1)
 
 
 def hypernetwork(mask_decoder: nn.Module, mask_tokens_bmc: Tensor, outputs: Sequence[int]) -> Tensor:
