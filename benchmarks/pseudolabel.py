@@ -1,7 +1,7 @@
 """Automatic mask generation (spec §3.3): segment_anything's ``SamAutomaticMaskGenerator`` at its
 fastest ``points_per_batch`` of a few tried (on the first image) against
 `sum.pseudo.amg.MaskGenerator` as the ``pseudolabel`` stage builds it (``params.yaml``'s
-``pseudo`` settings, `sum.pseudo.run.amg_params`), each from the image, encoding included, with
+``pseudo`` settings, `sum.pseudo.settings.amg_params`), each from the image, encoding included, with
 the generator settings both share (points per side and thresholds) equal.
 
 Ours runs with the encoder fast path of the model config (the pipeline's precision); the check
@@ -26,7 +26,7 @@ from benchmarks.common import REPO, Result, synthetic_image, timed
 from sum.config import load_params
 from sum.model.fast import OFF, apply_fast_path, resolve_fast_path
 from sum.pseudo.amg import MaskGenerator
-from sum.pseudo.run import amg_params
+from sum.pseudo.settings import amg_params
 
 log = logging.getLogger(__name__)
 MATCH_IOU = 0.95  # a reference mask counts as matched by one of ours at this IoU

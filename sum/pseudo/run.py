@@ -24,7 +24,6 @@ LocalCluster workers are spawned processes: a script that calls `pseudolabel` ne
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -43,29 +42,13 @@ from sum.model.checkpoint import config_to_dict
 from sum.model.embeddings import INDEX_NAME, EmbeddingSource
 from sum.model.predictor import encoder_fingerprint
 from sum.progress import StopSignals
-from sum.pseudo.amg import MaskGenerator
+from sum.pseudo.settings import amg_params
 from sum.pseudo.cluster import run_jobs, task_threads, where_run
 from sum.pseudo.store import SHARD_FORMAT, keep_by_ratio, list_shards, read_shard_json, shard_paths
 from sum.pseudo.worker import worker_model
 from sum.tracking import stage_run
 
 log = logging.getLogger(__name__)
-
-# MaskGenerator arguments that are not settings of the stage
-_NOT_AMG = {"self", "model", "point_grids", "output_mode", "task_prompt"}
-
-
-def amg_params(pcfg) -> Dict[str, Any]:
-    """The `MaskGenerator` keyword arguments: every one ``pcfg`` sets, the generator's own default
-    for the rest (so that a changed default in `sum.pseudo.amg` also changes `config_hash`)."""
-    params = {}
-    for name, p in inspect.signature(MaskGenerator.__init__).parameters.items():
-        if name in _NOT_AMG or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        value = getattr(pcfg, name, p.default)
-        params[name] = value
-    return params
-
 
 def code_hash() -> str:
     """sha256 of the mask generator's source (`sum.pseudo.amg` and its decoder,
