@@ -126,7 +126,9 @@ def reference_loss(sam, batch, features, schedule, opts):
         c = item.certainty_k1hw if item.is_pseudo else None
         c_loss = c if opts.use_uncertainty_loss else None
         c_click = c if opts.use_uncertainty_sampling else None
-        is_box = sample_first_prompt_is_box(item.n_masks, generator=g, box_probability=opts.box_probability)
+        is_box = sample_first_prompt_is_box(
+            item.n_masks, generator=g, box_probability=opts.box_probability, device=item.masks_k1hw.device
+        )
         order = torch.cat([is_box.nonzero()[:, 0], (~is_box).nonzero()[:, 0]])
         kb = int(is_box.sum())
         target = item.masks_k1hw[order].float()
