@@ -27,7 +27,7 @@ from sum.eval.evaluate import run_evaluate
 from sum.eval.protocol import select_targets, task_prompts
 from sum.eval.scoring import run_protocol
 from sum.model.predictor import SumPredictor
-from conftest import api_boundary_iou
+from conftest import api_boundary_iou, torch_threads
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,10 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
 def one_thread():
     """Tiny ops on a shared 2-core machine: one intra-op thread is much faster than two (module
     scope, so that the module-scoped run below has it too)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 # ---- independent references ------------------------------------------------------------------

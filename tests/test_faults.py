@@ -33,13 +33,7 @@ from sum.model.embeddings import INDEX_NAME, embedding_file
 H, W = 48, 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread is much faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def box(y, x, h=12, w=16) -> np.ndarray:

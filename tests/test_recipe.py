@@ -79,13 +79,7 @@ def test_the_embedded_default_holds_a_validation_split_that_nothing_else_reads()
 # ---- a tiny project ---------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread is much faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def project_config(root: Path, datasets: dict) -> sc.Config:

@@ -27,13 +27,7 @@ from sum.eval.seeds import read_per_mask
 from test_bad_input import project_config, set_params, write_params
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread is much faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the aggregation, by hand ---------------------------------------------------------------------

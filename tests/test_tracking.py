@@ -8,18 +8,12 @@ import os
 import time
 
 import pytest
-import torch
 
 from sum import tracking
 from test_trainer import MemoryEmbeddings, make_cfg, pools_of, world  # noqa: F401 (fixture)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

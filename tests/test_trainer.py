@@ -111,13 +111,7 @@ def make_cfg(root: Path, method_name: str = "sum", **train) -> Any:
     return cfg
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread is ~10x faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- data ------------------------------------------------------------------------------------
