@@ -285,3 +285,39 @@ def test_load_refiner_errors_name_the_file(tmp_path):
     torch.save({"format": "something-else"}, bad)
     with pytest.raises(ValueError, match="bad.ckpt: not a refinement-module checkpoint"):
         load_refiner(bad)
+
+
+class _Images:
+    """A dataset of ``n`` images, one square mask each, named ``name`` (as `SegDataset`)."""
+
+    def __init__(self, name: str, n: int, side: int = 48) -> None:
+        self.name, self.n, self.side = name, n, side
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        from sum.data.sample import Sample
+
+        masks = np.zeros((1, self.side, self.side), bool)
+        masks[0, 8 + i : 30 + i, 10:34] = True
+        image = np.full((self.side, self.side, 3), 40, np.uint8)
+        image[masks[0]] = 220
+        return Sample(image_id=f"im{i}", image=image, masks=masks, boxes=np.zeros((1, 4), np.float32),
+                      ann_ids=["1"], task_id=1, path=f"{self.name}/im{i}.png")
+
+
+def test_pairs_come_from_every_dataset_with_ids_unique_across_them(tiny_cfg):
+    """refine.datasets: the images of every set, in order, ``<dataset>/<image id>`` (the two
+    sets share image ids), max_images per set, one seeded split over all of them."""
+    from sum.uncertainty.pairs import prepare_images
+
+    torch.manual_seed(0)
+    model = build_sum_model(tiny_cfg).eval()
+    cfg = RefineConfig(iou_filter=0.0, pred_iou_thresh=-1e9, stability_thresh=0.0, points_per_mask=2, max_images=2)
+    images, counts = prepare_images(model, [_Images("salient", 3), _Images("part", 2)], cfg)
+    assert [d.image_id for d in images] == ["salient/im0", "salient/im1", "part/im0", "part/im1"]
+    assert counts["kept"] == 8 and all(len(d.pairs) == 2 for d in images)
+    assert all(p.image_id == d.image_id for d in images for p in d.pairs)
+    train, val = split_images([d.image_id for d in images], 0.25, 0)
+    assert len(val) == 1 and sorted(train + val) == sorted(d.image_id for d in images)

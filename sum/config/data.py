@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 # what a dataset is for: training with masks, pseudo-labeling, benchmark evaluation, choosing the recipe
-# (`sumseg recipe` alone reads role validation: no training and no benchmark stage does)
-ROLES = ("labeled", "unlabeled", "benchmark", "validation")
+# (`sumseg recipe` alone reads role validation: no training and no benchmark stage does), training the
+# mask-refinement module alone (role refine: human masks of any granularity that fine-tuning never reads)
+ROLES = ("labeled", "unlabeled", "benchmark", "validation", "refine")
 
 
 @dataclass

@@ -105,7 +105,8 @@ class RefineConfig:
     """The ``refine`` stage: training the mask-refinement module (spec §4.1, §13 A6)."""
 
     out: str = "models/refiner.ckpt"
-    dataset: str = "hq_train"  # the human-annotated set the pairs come from
+    # the human-annotated sets the pairs come from (each in data.datasets; role labeled or refine)
+    datasets: List[str] = field(default_factory=lambda: ["hq_train"])
     epochs: int = 2
     lr: float = 1e-4
     weight_decay: float = 0.1

@@ -185,16 +185,17 @@ def split_images(image_ids: Sequence[str], val_fraction: float, seed: int) -> Tu
 
 def prepare_images(
     model,
-    dataset,
+    datasets: Sequence,
     cfg: RefineConfig,
     embeddings: Optional[EmbeddingSource] = None,
 ) -> Tuple[List[ImageData], Dict[str, int]]:
-    """Embeddings, GT and kept pairs of every image of the human-annotated ``dataset``.
+    """Embeddings, GT and kept pairs of every image of the human-annotated ``datasets``.
 
     Arguments:
       model: the foundation SAM (weights loaded).
-      dataset: the human-annotated `SegDataset`; its ``name`` is its name in the cache.
-      cfg: `RefineConfig` (``max_images``, ``seed`` and the pair filters).
+      datasets: human-annotated `SegDataset` s, in order; each one's ``name`` is its name in the
+        cache. An image's id is ``<dataset name>/<image id>`` (unique across the datasets).
+      cfg: `RefineConfig` (``max_images`` per dataset, ``seed`` and the pair filters).
       embeddings: the `EmbeddingSource` (the ``embed`` cache, else the encoder); None encodes
         every image.
     Returns:
@@ -205,18 +206,18 @@ def prepare_images(
     gen = torch.Generator().manual_seed(cfg.seed)
     counts: Dict[str, int] = defaultdict(int)
     images = []
-    n = len(dataset) if cfg.max_images <= 0 else min(cfg.max_images, len(dataset))
-    for i in range(n):
+    for dataset, i in _indices(datasets, cfg.max_images):
         sample = dataset[i]
         if sample.masks.shape[0] == 0:
             continue
+        image_id = f"{dataset.name}/{sample.image_id}"
         predictor.set_embedding(embeddings.load(dataset.name, sample.image_id, image=sample.image))
-        pairs, c = select_pairs(PointPredictor(predictor), sample.image_id, sample.masks, cfg, gen)
+        pairs, c = select_pairs(PointPredictor(predictor), image_id, sample.masks, cfg, gen)
         for k, v in c.items():
             counts[k] += v
         images.append(
             ImageData(
-                image_id=sample.image_id,
+                image_id=image_id,
                 features=predictor.features.detach().clone(),
                 original_size=tuple(predictor.original_size),
                 input_size=tuple(predictor.input_size),
@@ -225,3 +226,11 @@ def prepare_images(
             )
         )
     return images, dict(counts)
+
+
+def _indices(datasets: Sequence, max_images: int):
+    """(dataset, index) of the first ``max_images`` images of each dataset (0: all), in order."""
+    for dataset in datasets:
+        n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
+        for i in range(n):
+            yield dataset, i

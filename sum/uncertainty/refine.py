@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -60,15 +60,19 @@ from sum.uncertainty.refiner import RefinementModule, save_refiner
 
 log = logging.getLogger(__name__)
 
+# the roles of human-annotated datasets: the pairs' targets are human masks (spec §4.1, App. D.2)
+HUMAN_ROLES = ("labeled", "refine")
+
 
 def fit_refiner(
-    model, dataset, cfg: RefineConfig, embeddings: Optional[EmbeddingSource] = None
+    model, datasets: Sequence, cfg: RefineConfig, embeddings: Optional[EmbeddingSource] = None
 ) -> Tuple[RefinementModule, dict]:
     """Pairs, split, training and validation of the refinement module (spec §4.1).
 
     Arguments:
       model: the foundation SAM (weights loaded).
-      dataset: the human-annotated `SegDataset`.
+      datasets: the human-annotated `SegDataset` s (one list of pairs; the val split is drawn
+        over all their images).
       cfg: `RefineConfig`.
       embeddings: the `EmbeddingSource` of the images (the ``embed`` cache, else the encoder);
         None encodes every image.
@@ -77,7 +81,7 @@ def fit_refiner(
     """
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    images, counts = prepare_images(model, dataset, cfg, embeddings)
+    images, counts = prepare_images(model, datasets, cfg, embeddings)
     t_pairs = time.perf_counter() - t0
     train_ids, val_ids = split_images([d.image_id for d in images], cfg.val_fraction, cfg.seed)
     train = [d for d in images if d.image_id in set(train_ids)]
@@ -129,24 +133,32 @@ def fit_refiner(
 
 
 def run_refine(cfg) -> dict:
-    """The ``refine`` stage: train the refinement module on ``cfg.refine.dataset`` with the
+    """The ``refine`` stage: train the refinement module on ``cfg.refine.datasets`` with the
     foundation model of ``cfg.model`` and save it to ``cfg.refine.out``.
 
     Raises:
-      ValueError: naming ``refine.dataset`` when it is not a configured dataset.
+      ValueError: naming ``refine.datasets`` when it is empty or names a dataset that is not
+        configured or not human-annotated (role labeled or refine).
     """
     rcfg = cfg.refine
-    if rcfg.dataset not in cfg.data.datasets:
-        raise ValueError(f"refine.dataset={rcfg.dataset!r}: not in data.datasets ({sorted(cfg.data.datasets)})")
+    if not rcfg.datasets:
+        raise ValueError("refine.datasets is empty: name the human-annotated datasets the refinement module trains on")
+    for name in rcfg.datasets:
+        if name not in cfg.data.datasets:
+            raise ValueError(f"refine.datasets: {name!r} is not in data.datasets ({sorted(cfg.data.datasets)})")
+        if cfg.data.datasets[name].role not in HUMAN_ROLES:
+            raise ValueError(
+                f"refine.datasets: {name!r} has role {cfg.data.datasets[name].role!r}, expected one of {list(HUMAN_ROLES)}"
+            )
     torch.manual_seed(0)
     model = load_model(cfg.model, s3=S3Options.from_config(cfg.storage.s3))
     for p in model.parameters():
         p.requires_grad_(False)
-    dataset = open_dataset(cfg.data, rcfg.dataset)
+    datasets = [open_dataset(cfg.data, name) for name in rcfg.datasets]
     embed_dir = getattr(getattr(cfg, "embed", None), "out_dir", None)
     embeddings = EmbeddingSource(embed_dir, SumPredictor(model))
     with stage_run(cfg.tracking, "refine", params={"refine": rcfg}) as tracker:
-        refiner, metrics = fit_refiner(model, dataset, rcfg, embeddings)
+        refiner, metrics = fit_refiner(model, datasets, rcfg, embeddings)
         save_refiner(refiner, rcfg.out, cfg.model, rcfg, metrics)
         tracker.log_metrics(json_metrics(metrics), step=0)
     return metrics

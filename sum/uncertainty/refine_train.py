@@ -161,7 +161,7 @@ def train_refiner(
     gen = torch.Generator().manual_seed(cfg.seed)
     items = [(d, p) for d in train for p in d.pairs]
     if not items:
-        raise ValueError(f"refine.dataset={cfg.dataset!r}: no training pair passed the filters (App. D.2)")
+        raise ValueError(f"refine.datasets={list(cfg.datasets)!r}: no training pair passed the filters (App. D.2)")
     targets = {d.image_id: target_frame(d.gt_khw, d.input_size, refiner.img_size, cfg.loss_size).to(refiner.device) for d in train}
     params = [p for p in refiner.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
