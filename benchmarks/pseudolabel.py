@@ -8,6 +8,11 @@ Ours runs with the encoder fast path of the model config (the pipeline's precisi
 compares mask sets generated with the fp32 encoder on both sides (same count, every official mask
 matched by one of ours at IoU >= 0.95, and how many are bit-identical), re-running ours in fp32
 when its timed run was not. With a bf16 encoder the timed masks are matched too (``extra``).
+
+On a CPU with T >= 2 threads each side also runs as T processes of one thread over the images (the
+``pseudolabel`` stage's layout: ``pseudo.n_workers`` Dask workers of one thread each), the wall
+time of the set from the first start to the last end; each side is given its faster layout, both
+layouts' times are in ``settings.layouts``, and the masks of the parallel runs are matched too.
 """
 
 from __future__ import annotations
@@ -15,14 +20,17 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import multiprocessing as mp
+import time
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
 
-from benchmarks.common import REPO, Result, synthetic_image, timed
+from benchmarks.common import REPO, Result, load_bench_model, synthetic_image, timed
 from sum.config import load_params
 from sum.model.fast import OFF, apply_fast_path, resolve_fast_path
 from sum.pseudo.amg import MaskGenerator
@@ -77,6 +85,47 @@ def generators(model, sizes: AmgSizes):
     return ours, shared, params
 
 
+def _generate_share(job: Tuple) -> None:
+    """One process of a parallel layout: one thread, its share of the images (every n-th), the
+    generator built as in `run`; after the barrier, (index, masks) and its start/end wall clock
+    on the queue."""
+    name, side, ppb, fast_mode, sizes, rank, n_procs, barrier, queue = job
+    torch.set_num_threads(1)
+    model, _ = load_bench_model(name, "cpu")
+    h, w = sizes.image_hw
+    mine = [(i, synthetic_image(h, w, i)) for i in range(rank, sizes.images, n_procs)]
+    if side == "official":
+        apply_fast_path(model, OFF)
+        _, shared, _ = generators(model, sizes)
+        gen = SamAutomaticMaskGenerator(model, points_per_batch=ppb, output_mode="coco_rle", **shared)
+    else:
+        gen, _, _ = generators(model, sizes)
+        apply_fast_path(model, resolve_fast_path(model, fast_mode, "cpu"))
+    barrier.wait()
+    t0 = time.time()
+    out = [(i, gen.generate(image)) for i, image in mine]
+    queue.put((rank, t0, time.time(), out))
+
+
+def parallel_layout(name: str, side: str, ppb: int, fast_mode: str, sizes: AmgSizes, n_procs: int) -> Tuple[List[List[dict]], float]:
+    """``side`` ("official" or "ours") over the images in ``n_procs`` one-thread processes:
+    (masks per image, wall seconds from the first process's start to the last one's end)."""
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(n_procs), ctx.Queue()
+    procs = [ctx.Process(target=_generate_share, args=((name, side, ppb, fast_mode, sizes, r, n_procs, barrier, queue),))
+             for r in range(n_procs)]
+    for proc in procs:
+        proc.start()
+    results = [queue.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+        if proc.exitcode != 0:
+            raise RuntimeError(f"pseudolabel benchmark: a {side} process exited with {proc.exitcode}")
+    masks: Dict[int, List[dict]] = {i: out for _, _, _, outs in results for i, out in outs}
+    wall = max(r[2] for r in results) - min(r[1] for r in results)
+    return [masks[i] for i in range(sizes.images)], wall
+
+
 def run(model, name: str, weights: str, device: str, fast_mode: str, sizes: AmgSizes) -> Result:
     """The official generator at its best ``points_per_batch`` vs ours (module docstring)."""
     plan = resolve_fast_path(model, fast_mode, device)
@@ -101,9 +150,10 @@ def run(model, name: str, weights: str, device: str, fast_mode: str, sizes: AmgS
         trials[ppb] = official_on(ppb, images[0])
         log.info("  official points_per_batch=%d: %.2f s", ppb, trials[ppb][1])
     best = min(trials, key=lambda p: trials[p][1])
-    t_ref, t_ours, checks, timed_checks = 0.0, 0.0, [], []
+    t_ref, t_ours, checks, timed_checks, reference_masks = 0.0, 0.0, [], [], []
     for i, image in enumerate(images):
         ref, dt_ref = trials[best] if i == 0 else official_on(best, image)
+        reference_masks.append(ref)
         out, dt_out = ours_on(plan, image)
         t_ref += dt_ref
         t_ours += dt_out
@@ -111,16 +161,32 @@ def run(model, name: str, weights: str, device: str, fast_mode: str, sizes: AmgS
         log.info("  image %d: official %.2f s, ours %.2f s", i, dt_ref, dt_out)
         checks.append(timed_checks[-1] if plan == OFF else match(ref, ours_on(OFF, image)[0]))
     apply_fast_path(model, OFF)
-    total = summed(checks)
     n = len(images)
+    threads = torch.get_num_threads()
+    layouts = {"official": {f"1x{threads}": t_ref / n}, "ours": {f"1x{threads}": t_ours / n}}
+    parallel_checks = {}
+    if device == "cpu" and threads >= 2 and n >= 2:
+        procs = min(threads, n)
+        for side in ("official", "ours"):
+            masks, wall = parallel_layout(name, side, best, fast_mode, sizes, procs)
+            layouts[side][f"{procs}x1"] = wall / n
+            parallel_checks[side] = summed([match(r, m) for r, m in zip(reference_masks, masks)])
+            log.info("  %s as %d one-thread processes: %.2f s per image", side, procs, wall / n)
+    ref_layout = min(layouts["official"], key=layouts["official"].get)
+    our_layout = min(layouts["ours"], key=layouts["ours"].get)
+    total = summed(checks)
+    if our_layout != f"1x{threads}" and plan == OFF:  # the timed masks are the parallel ones: they must match too
+        total["ok"] = total["ok"] and parallel_checks["ours"]["ok"]
     return Result(
-        benchmark="pseudolabel", model=name, reference=f"SamAutomaticMaskGenerator ppb={best}",
-        ours=f"sum.pseudo MaskGenerator ({params.get('decoder', '?')})", unit="s/image",
-        reference_s=t_ref / n, ours_s=t_ours / n,
+        benchmark="pseudolabel", model=name, reference=f"SamAutomaticMaskGenerator ppb={best}, {ref_layout} (procs x threads)",
+        ours=f"sum.pseudo MaskGenerator ({params.get('decoder', '?')}), {our_layout}", unit="s/image",
+        reference_s=layouts["official"][ref_layout], ours_s=layouts["ours"][our_layout],
         check={**total, "summary": f"{total['ours']}/{total['official']} masks, {total['matched']} matched "
                                   f"(IoU>={MATCH_IOU}), {total['identical']} bit-identical"},
         settings={"images": n, "image_hw": [h, w], "weights": weights, "points_per_side": sizes.points_per_side,
                   "official_points_per_batch_tried": {str(p): t[1] for p, t in trials.items()},
+                  "layouts": layouts,  # processes x threads -> s/image, per side
                   "ours_params": {k: v for k, v in params.items() if isinstance(v, (int, float, str, bool))}},
-        extra={"encoder_plan": dataclasses.asdict(plan), "timed_masks_vs_official": summed(timed_checks)},
+        extra={"encoder_plan": dataclasses.asdict(plan), "timed_masks_vs_official": summed(timed_checks),
+               "parallel_masks_vs_official": parallel_checks},
     )

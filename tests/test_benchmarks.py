@@ -83,6 +83,25 @@ def test_generator_masks_match_and_a_lost_mask_fails_the_check(tiny, monkeypatch
     assert not broken.check["ok"] and broken.check["ours"] == broken.check["official"] - 1
 
 
+def test_cpu_layouts_time_both_sides_in_one_thread_processes_and_match_their_masks(tiny):
+    """At 2 threads each side also runs as 2 one-thread processes (the stage's layout); both
+    layouts are timed, the faster is reported, and the parallel runs' masks equal the reference."""
+    model, weights = tiny
+    sizes = dataclasses.replace(SMOKE["pseudolabel"], images=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = pseudolabel.run(model, "tiny", weights, "cpu", "off", sizes)
+    finally:
+        torch.set_num_threads(before)
+    layouts = result.settings["layouts"]
+    assert set(layouts["official"]) == set(layouts["ours"]) == {"1x2", "2x1"}
+    assert result.reference_s == min(layouts["official"].values()) and result.ours_s == min(layouts["ours"].values())
+    for side in ("official", "ours"):
+        par = result.extra["parallel_masks_vs_official"][side]
+        assert par["ok"] and par["official"] == result.check["official"] >= 2
+
+
 def test_encoder_check_compares_embeddings(tiny, monkeypatch):
     """The fast path's embedding agrees with the official encoder's; one that drifts by 20% (a
     hook on the encoder while our plan is applied) fails the check."""
