@@ -32,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="JSON file (default outputs/benchmarks/suite-<device>.json)")
     p.add_argument("--threads", type=int, default=None, help="torch / OpenMP / MKL threads (default: min(8, CPUs); 1 with --smoke)")
     p.add_argument("--smoke", action="store_true", help="the smallest sizes (a dry run of the suite)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the encoder's fast path under torch.compile (model.compile_encoder; CUDA only)")
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads {args.threads}: expected >= 1")
@@ -63,7 +65,9 @@ def main(argv=None) -> int:
         print("python -m benchmarks: --device cuda: no CUDA device here", file=sys.stderr)
         return 2
     models = args.model or (["tiny"] if args.smoke else ["mobile_sam"] if device == "cpu" else ["mobile_sam", "vit_b", "vit_h"])
-    sizes = suite_sizes("smoke" if args.smoke else device)
+    sizes = dict(suite_sizes("smoke" if args.smoke else device))
+    if args.compile:
+        sizes["encoder"] = dataclasses.replace(sizes["encoder"], compile=True)
     machine = machine_info(device, threads)
     print(f"machine: {json.dumps(machine)}", flush=True)
     out = args.out or Path("outputs") / "benchmarks" / f"suite-{device}.json"

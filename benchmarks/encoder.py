@@ -30,6 +30,7 @@ class EncoderSizes:
     batch: int
     warmup: int
     rounds: int
+    compile: bool = False  # on CUDA also time the plan under torch.compile (`timed_compiled`)
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,6 +82,7 @@ def run(model, name: str, weights: str, device: str, fast_mode: str, sizes: Enco
             for key, p in plans.items():
                 apply_fast_path(model, p)
                 times[key].append(timed(lambda: model.image_encoder(x), device)[1])
+    compiled = timed_compiled(model, plan, x, sizes, device) if cuda and sizes.compile else None
     flops = encoder_flops(model, x[:1]) * sizes.batch
     apply_fast_path(model, OFF)
     rel = float((out["ours"] - out["reference"]).norm() / out["reference"].norm())
@@ -91,6 +93,10 @@ def run(model, name: str, weights: str, device: str, fast_mode: str, sizes: Enco
     if cuda:
         extra["bf16_matmul_peak_tflops"] = matmul_peak_tflops(device)
         extra["ours_fraction_of_peak"] = extra["ours_tflops"] / extra["bf16_matmul_peak_tflops"]
+    if compiled is not None:  # model.compile_encoder: what torch.compile adds to the plan
+        seconds, first_s, emb = compiled
+        extra["compiled"] = {"s": seconds, "first_call_s": first_s, "speedup_vs_ours": ours_s / seconds,
+                             "rel_error": float((emb - out["reference"]).norm() / out["reference"].norm())}
     return Result(
         benchmark="encoder", model=name, reference="official encoder fp32", ours=f"fast path {plan_name(plan)}",
         unit=f"s/batch of {sizes.batch}", reference_s=ref_s, ours_s=ours_s,
@@ -99,6 +105,20 @@ def run(model, name: str, weights: str, device: str, fast_mode: str, sizes: Enco
                   "img_size": int(model.image_encoder.img_size), "plan": dataclasses.asdict(plan)},
         extra=extra,
     )
+
+
+def timed_compiled(model, plan, x: torch.Tensor, sizes: EncoderSizes, device: str):
+    """The plan with ``compile=True`` (``model.compile_encoder``): (median seconds per batch over
+    ``sizes.rounds``, the first call's seconds (compilation included), its embedding), timed in
+    one block after the alternating loop (switching plans drops the compiled forward)."""
+    apply_fast_path(model, dataclasses.replace(plan, compile=True))
+    with torch.inference_mode():
+        emb, first_s = timed(lambda: model.image_encoder(x).float(), device)
+        for _ in range(sizes.warmup):
+            model.image_encoder(x)
+        seconds = median([timed(lambda: model.image_encoder(x), device)[1] for _ in range(sizes.rounds)])
+    apply_fast_path(model, OFF)
+    return seconds, first_s, emb
 
 
 def plan_name(plan) -> str:

@@ -107,4 +107,8 @@ def print_table(results: Sequence[Result]) -> None:
         line = f"encoder {r.model}: {e['gflops_per_batch']:.4g} GFLOP/batch, ours {e['ours_tflops']:.3g} TFLOP/s"
         if "bf16_matmul_peak_tflops" in e:
             line += f" = {100 * e['ours_fraction_of_peak']:.1f}% of a bf16 matmul's {e['bf16_matmul_peak_tflops']:.0f} TFLOP/s"
+        if "compiled" in e:
+            c = e["compiled"]
+            line += (f"; with torch.compile {seconds(c['s'])} per batch ({c['speedup_vs_ours']:.2f}x ours, first call "
+                     f"{seconds(c['first_call_s'])}, rel. error {c['rel_error']:.1e})")
         print(line)
