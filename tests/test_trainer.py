@@ -548,3 +548,107 @@ def test_forward_autocast_precision_switch():
     assert isinstance(auto, torch.autocast) == _cpu_has_native_bf16()
     with pytest.raises(ValueError, match="train.precision"):
         forward_autocast("fp16", cpu, "decoder")
+
+
+# ---- the loader --------------------------------------------------------------------------------
+
+
+def step_data(world, keep_images=True):
+    from sum.train.data import split_batch
+    from sum.train.loader import StepData
+
+    pools = pools_of(world)
+    sizes = {k: len(p) for k, p in pools.items()}
+    n_labeled, _ = split_batch(4, 0.5, True)
+    return StepData(pools, 4, n_labeled, sizes, seed=3, img_size=128, loss_size=64, max_masks=3, keep_images=keep_images)
+
+
+def drawn(batch):
+    """Every tensor of a batch, and the prompts and clicks its generators draw downstream."""
+    from sum.train.rounds import RoundOptions, first_prompts
+    from sum.train.sampling import sample_error_clicks
+
+    out = []
+    for item, g in batch:
+        c = item.certainty_k1hw
+        order, prompts = first_prompts(item, g, RoundOptions(loss_size=64), c)
+        target = item.masks_k1hw[order].float()
+        click = sample_error_clicks(torch.zeros_like(target, dtype=torch.bool), target, None if c is None else c[order], generator=g)
+        out.append((item.dataset, item.image_id, item.task_id, item.ann_ids, item.image_3hw, item.masks_k1hw, c, item.boxes_k4,
+                    order, prompts.boxes_b4, prompts.points, click.coords, click.labels))
+    return out
+
+
+def assert_same(a, b):
+    assert type(a) is type(b)
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_loader_workers_give_the_main_thread_batches(world):
+    """2 worker processes, 0 (the main thread) and `StepData.load` give the same images, masks,
+    certainty and boxes, and the generators they hand over draw the same prompts and clicks; a
+    jump back (a resumed run, a repeated step) restarts the workers' queue there."""
+    from sum.train.loader import StepLoader
+
+    data = step_data(world)
+    steps = [0, 1, 2, 1, 3]
+    expected = [drawn(data.load(s)) for s in steps]
+    assert any(it[6] is not None for b in expected for it in b)  # pseudo labels with c are in
+    assert expected[0][0][1] != expected[1][0][1] or expected[0][1][1] != expected[1][1][1]
+    for workers in (0, 2):
+        loader = StepLoader(data, end=4, workers=workers)
+        try:
+            got = [drawn(loader.get(s)) for s in steps]
+        finally:
+            loader.close()
+        assert_same(got, expected)
+    past_end = StepLoader(data, end=2, workers=1)
+    assert_same(drawn(past_end.get(3)), drawn(data.load(3)))  # past ``end``: loaded on this thread
+    past_end.close()
+
+
+def test_loader_workers_from_config():
+    from sum.train.loader import default_workers, loader_workers
+
+    cpu = torch.device("cpu")
+    assert loader_workers(0, cpu) == 0 and loader_workers(3, cpu) == 3
+    assert loader_workers(None, cpu) == default_workers(os.cpu_count() or 1, cpu)
+    assert [default_workers(n, cpu) for n in (1, 2, 3, 16)] == [0, 1, 2, 2]
+    with pytest.raises(ValueError, match="train.loader_workers"):
+        loader_workers(-1, cpu)
+
+
+def test_finetune_is_the_same_with_and_without_loader_workers(world, embeddings, tmp_path):
+    runs = {}
+    for workers in (0, 2):
+        out = tr.finetune(make_cfg(tmp_path / str(workers), loader_workers=workers), pools=pools_of(world), embeddings=embeddings)
+        runs[workers] = (out["final_loss"], load_state(tmp_path / str(workers) / "models" / "sum.pt"))
+    assert runs[0][0] == runs[2][0]
+    assert runs[0][1].keys() == runs[2][1].keys()
+    assert all(torch.equal(runs[0][1][k], runs[2][1][k]) for k in runs[0][1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_loader_pins_memory_and_moves_the_same_batch(world):
+    from sum.train.data import to_device
+    from sum.train.loader import StepLoader
+
+    data = step_data(world)
+    loader = StepLoader(data, end=2, workers=1, pin_memory=True)
+    try:
+        pinned = loader.get(0)
+    finally:
+        loader.close()
+    assert all(it.masks_k1hw.is_pinned() and it.boxes_k4.is_pinned() and it.image_3hw.is_pinned() for it, _ in pinned)
+    cuda = to_device(pinned, torch.device("cuda"))
+    for (a, _), (b, _) in zip(data.load(0), cuda):
+        assert b.masks_k1hw.is_cuda and torch.equal(a.masks_k1hw, b.masks_k1hw.cpu())
+        assert torch.equal(a.boxes_k4, b.boxes_k4.cpu())

@@ -202,6 +202,9 @@ class TrainConfig:
     # autocast of the forward (spec A2: bf16): auto = bf16 on CUDA, and on CPUs with native bf16
     # (avx512_bf16 / AMX) in decoder mode; bf16 | fp32 force it. Losses are fp32 either way.
     precision: str = "auto"
+    # processes decoding the next steps' images (sum.train.loader): 0 = on the main thread, null =
+    # min(2, CPUs - 1); pinned memory on CUDA. The batches are the same either way.
+    loader_workers: Optional[int] = None
 
 
 @dataclass

@@ -166,6 +166,16 @@ class TrainItem:
     def n_masks(self) -> int:
         return int(self.masks_k1hw.shape[0])
 
+    def pin_memory(self) -> "TrainItem":
+        """The item with its tensors in page-locked memory (the DataLoader's ``pin_memory``)."""
+        return dataclasses.replace(
+            self,
+            image_3hw=None if self.image_3hw is None else self.image_3hw.pin_memory(),
+            masks_k1hw=self.masks_k1hw.pin_memory(),
+            certainty_k1hw=None if self.certainty_k1hw is None else self.certainty_k1hw.pin_memory(),
+            boxes_k4=self.boxes_k4.pin_memory(),
+        )
+
 
 def choose_masks(k: int, max_masks: int, generator: torch.Generator) -> torch.Tensor:
     """Up to ``max_masks`` of K mask indices, uniformly without replacement, sorted (spec A9, §3.5
@@ -275,17 +285,17 @@ def load_items(
 
 
 def to_device(items: Sequence[Tuple[TrainItem, torch.Generator]], device: torch.device):
-    """Move the items' tensors to ``device``; a CUDA run draws from a CUDA generator seeded by the
-    image's CPU generator."""
+    """Move the items' tensors to ``device`` (asynchronously from pinned memory); a CUDA run draws
+    from a CUDA generator seeded by the image's CPU generator."""
     if device.type == "cpu":
         return list(items)
     out = []
     for item, g in items:
         moved = dataclasses.replace(
             item,
-            masks_k1hw=item.masks_k1hw.to(device),
-            certainty_k1hw=None if item.certainty_k1hw is None else item.certainty_k1hw.to(device),
-            boxes_k4=item.boxes_k4.to(device),
+            masks_k1hw=item.masks_k1hw.to(device, non_blocking=True),
+            certainty_k1hw=None if item.certainty_k1hw is None else item.certainty_k1hw.to(device, non_blocking=True),
+            boxes_k4=item.boxes_k4.to(device, non_blocking=True),
         )
         seed = int(torch.randint(0, 2**62, (1,), generator=g))
         out.append((moved, torch.Generator(device=device).manual_seed(seed)))

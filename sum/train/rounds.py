@@ -230,7 +230,7 @@ def interactive_rounds(
 def encode(sam: nn.Module, items: Sequence[TrainItem]) -> Tensor:
     """Full mode: the image encoder on this rank's images, with grad (spec §8.1)."""
     device = sam.pixel_mean.device
-    x = torch.cat([sam.preprocess(it.image_3hw[None].to(device, torch.float32)) for it in items])
+    x = torch.cat([sam.preprocess(it.image_3hw[None].to(device, torch.float32, non_blocking=True)) for it in items])
     return sam.image_encoder(x)
 
 

@@ -45,8 +45,9 @@ from sum.model.predictor import encoder_fingerprint
 from sum.progress import StopSignals, progress_bar
 from sum.tracking import MODEL_MD5_TAG
 from sum.train.build import build_pools, build_train_model, forward_autocast, start_tracking
-from sum.train.data import LABELED, UNLABELED, Pool, cached_features, global_batch, load_items, rank_slots, split_batch, to_device
+from sum.train.data import LABELED, UNLABELED, Pool, cached_features, split_batch, to_device
 from sum.train.distributed import DistInfo, broadcast_parameters, reduce_metrics, setup_distributed, sync_gradients, teardown
+from sum.train.loader import StepData, StepLoader, loader_workers
 from sum.train.method import resolve_method
 from sum.train.optim import build_optimizer, build_scheduler
 from sum.train.rounds import RoundOptions, forward_backward
@@ -67,10 +68,10 @@ Tensor = torch.Tensor
 @dataclass
 class TrainStep:
     """One rank's step up to the optimizer update (spec §7-§8): its slice of the global batch
-    (spec §8.1, A1), the images' cached embeddings (decoder mode) or the encoder (full mode), the
-    forward and backward of the interactive rounds (`forward_backward`), the gradient all-reduce
-    and clipping. `finetune`'s loop calls it, then steps the optimizer; ``benchmarks/train_step.py``
-    times it.
+    (spec §8.1, A1), decoded ahead by ``loader_workers`` processes (`sum.train.loader`), the
+    images' cached embeddings (decoder mode) or the encoder (full mode), the forward and backward
+    of the interactive rounds (`forward_backward`), the gradient all-reduce and clipping.
+    `finetune`'s loop calls it, then steps the optimizer; ``benchmarks/train_step.py`` times it.
     """
 
     sam: nn.Module
@@ -89,22 +90,24 @@ class TrainStep:
     img_size: int
     max_masks: int
     grad_clip: float = 0.0
+    iterations: int = 0  # steps the loader's workers decode ahead (0 .. iterations - 1)
+    loader_workers: int = 0  # 0: batches load on the calling thread
 
     def __post_init__(self) -> None:
         self.trainable = [p for p in self.sam.parameters() if p.requires_grad]
+        self.data = StepData(self.pools, self.batch_size, self.n_labeled, self.sizes, self.seed, self.img_size,
+                             self.opts.loss_size, self.max_masks, keep_images=self.mode == "full",
+                             rank=self.info.rank, world_size=self.info.world_size)
+        self.loader = StepLoader(self.data, self.iterations, self.loader_workers,
+                                 pin_memory=self.info.device.type == "cuda")
 
     def batch(self, step: int):
-        """This rank's (item, generator) pairs of ``step``, on its device."""
-        info = self.info
-        slots = rank_slots(global_batch(step, self.batch_size, self.n_labeled, self.sizes, self.seed), info.rank, info.world_size)
-        keep_images = self.mode == "full"
-        batch = load_items(slots, self.pools, step=step, seed=self.seed, img_size=self.img_size,
-                           loss_size=self.opts.loss_size, max_masks=self.max_masks, keep_images=keep_images)
-        return to_device(batch, info.device)
+        """This rank's (item, generator) pairs of ``step``, loaded on this thread, on its device."""
+        return to_device(self.data.load(step), self.info.device)
 
     def __call__(self, step: int) -> Dict[str, Tensor]:
         """Gradients of ``step`` in the trainable parameters; `forward_backward`'s sums."""
-        batch = self.batch(step)
+        batch = to_device(self.loader.get(step), self.info.device)
         features = cached_features(self.embeddings, batch, self.info.device) if self.mode == "decoder" else None
         self.optimizer.zero_grad(set_to_none=True)
         out = forward_backward(self.sam, batch, features, self.schedule, self.opts,
@@ -113,6 +116,10 @@ class TrainStep:
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip)
         return out
+
+    def close(self) -> None:
+        """Stop the loader's workers."""
+        self.loader.close()
 
 
 @dataclass
@@ -182,7 +189,8 @@ def setup_run(cfg, method_name: Optional[str], pools: Optional[Dict[str, Pool]],
     train_step = TrainStep(
         sam, optimizer, pools, embeddings, schedule, opts, forward_autocast(t.precision, info.device, t.mode), info,
         mode=t.mode, batch_size=t.batch_size, n_labeled=n_labeled, sizes=sizes, seed=t.seed, img_size=img_size,
-        max_masks=t.max_masks, grad_clip=t.grad_clip,
+        max_masks=t.max_masks, grad_clip=t.grad_clip, iterations=t.iterations,
+        loader_workers=loader_workers(t.loader_workers, info.device),
     )
     return TrainRun(method, info, paths, sam, optimizer, scheduler, train_step, key, step, history, tracker, n_unlabeled)
 
@@ -259,6 +267,7 @@ def finetune(
     finally:
         stop.restore()
         bar.close()
+        run.train_step.close()
         if status != "FINISHED":
             tracker.finish(status)
             teardown(info, barrier=False)
