@@ -150,19 +150,30 @@ def test_bad_task_prompt_raises(bad, prompts):
 # ---- fast path: fused attention ----------------------------------------------------------------------
 
 
-def test_sdpa_attention_matches_sam_attention_fp32():
-    """Windowed (block 0, 4x4 windows) and global (block 1) attention with random rel-pos tables."""
-    model = tiny_model()
+def _attention_reference(model):
+    """SAM's own attention on the tiny encoder, the reference for the fused kernels: random rel-pos
+    tables in every block, a batch of 2 images, and per block (0: windowed 4x4, 1: global) the
+    block's input tokens and SAM's output, plus the whole encoder's output."""
     encoder = model.image_encoder
     assert [blk.window_size for blk in encoder.blocks] == [4, 0]
-    x = model.preprocess(torch.rand(2, 3, 128, 128) * 255)
     with torch.no_grad():
+        for blk in encoder.blocks:
+            blk.attn.rel_pos_h.normal_(0.0, 0.5)
+            blk.attn.rel_pos_w.normal_(0.0, 0.5)
+        x = model.preprocess(torch.rand(2, 3, 128, 128) * 255)
         tokens = encoder.patch_embed(x) + encoder.pos_embed  # (B, 8, 8, C)
         windows, _ = sam_image_encoder.window_partition(tokens, 4)  # (B * 4, 4, 4, C)
         inputs = {0: windows, 1: tokens}
         want = {i: encoder.blocks[i].attn(inputs[i]) for i in (0, 1)}
-        want_out = encoder(x)
+        return x, inputs, want, encoder(x)
 
+
+def test_sdpa_attention_matches_sam_attention_fp32():
+    """Windowed (block 0, 4x4 windows) and global (block 1) attention with random rel-pos tables."""
+    model = tiny_model()
+    encoder = model.image_encoder
+    x, inputs, want, want_out = _attention_reference(model)
+    with torch.no_grad():
         apply_fast_path(model, FastPath(fused_attention=True))
         assert all(type(blk.attn) is SdpaAttention for blk in encoder.blocks)
         for i in (0, 1):
@@ -180,17 +191,8 @@ def test_flex_attention_matches_sam_attention_fp32():
     windowed (block 0) and global (block 1) blocks, random rel-pos tables, and the whole encoder."""
     model = tiny_model()
     encoder = model.image_encoder
+    x, inputs, want, want_out = _attention_reference(model)
     with torch.no_grad():
-        for blk in encoder.blocks:
-            blk.attn.rel_pos_h.normal_(0.0, 0.5)
-            blk.attn.rel_pos_w.normal_(0.0, 0.5)
-    x = model.preprocess(torch.rand(2, 3, 128, 128) * 255)
-    with torch.no_grad():
-        tokens = encoder.patch_embed(x) + encoder.pos_embed  # (B, 8, 8, C)
-        windows, _ = sam_image_encoder.window_partition(tokens, 4)  # (B * 4, 4, 4, C)
-        inputs = {0: windows, 1: tokens}
-        want = {i: encoder.blocks[i].attn(inputs[i]) for i in (0, 1)}
-        want_out = encoder(x)
         plan = apply_fast_path(model, FastPath(fused_attention=True, flex_attention=True))
         assert all(type(blk.attn) is FlexAttention for blk in encoder.blocks) and fast_path_of(model) == plan
         for i in (0, 1):
