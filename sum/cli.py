@@ -88,6 +88,12 @@ def cmd_oracle_pool(cfg: Config, args: argparse.Namespace) -> None:
     write_oracle_pool(cfg, args.out or "data/pseudo_oracle", args.oracle, args.min_area)
 
 
+def cmd_oracle_uncertainty(cfg: Config, args: argparse.Namespace) -> None:
+    from sum.uncertainty.oracle import write_oracle_uncertainty
+
+    write_oracle_uncertainty(cfg, args.out or "data/uncertainty_oracle")
+
+
 def cmd_finetune(cfg: Config, args: argparse.Namespace) -> None:
     from sum.train.trainer import finetune
 
@@ -148,6 +154,7 @@ STAGES: dict[str, Callable[[Config, argparse.Namespace], None]] = {
     "photos": cmd_photos,
     "validate": cmd_validate,
     "oracle-pool": cmd_oracle_pool,
+    "oracle-uncertainty": cmd_oracle_uncertainty,
     "finetune": cmd_finetune,
     "recipe": cmd_recipe,
     "pull": cmd_pull,
@@ -165,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", help="export-sam: SUM checkpoint (path, s3:// or https://)")
     p.add_argument("--sha256", help="export-sam: expected sha256 of --src")
     p.add_argument("--out", help="export-sam: output SAM state dict; validate: report path; oracle-pool: shard folder "
-                   "(default data/pseudo_oracle); pull: the checkpoint file to write")
+                   "(default data/pseudo_oracle); oracle-uncertainty: map folder (default data/uncertainty_oracle); pull: the checkpoint file to write")
     p.add_argument("--format", default="sum", help="pull: sum (SUM checkpoint) | sam (plain SAM state dict)")
     p.add_argument("--oracle", default="gt", help="oracle-pool: what the pool holds, gt | matched | add-parts (sum.pseudo.oracle; default gt)")
     p.add_argument("--min-area", type=float, default=0.0, help="oracle-pool --oracle add-parts: smallest added part, as a fraction of the image")

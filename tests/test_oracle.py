@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from sum.data.coco import mask_to_annotation, write_coco
+from sum.data.hidden_gt import load_hidden_gt
 from sum.pseudo.oracle import oracle_records, write_oracle_dataset, write_oracle_pool
 from sum.pseudo.dataset import PseudoLabelDataset
 from sum.pseudo.store import ShardImage, list_shards, read_shard_json, write_shard
@@ -183,3 +184,88 @@ def test_mixed_modes_refuse_bad_modes_and_images_without_gt_before_writing(tmp_p
         write_oracle_pool(cfg, tmp_path / "oracle", "noisy")
     with pytest.raises(ValueError, match=r"--min-area 1.5: expected a fraction of the image in \[0, 1\)"):
         write_oracle_pool(cfg, tmp_path / "oracle", "add-parts", 1.5)
+
+
+# ---- oracle uncertainty (sum.uncertainty.oracle) -----------------------------------------------
+
+
+def test_gt_lowres_is_the_covered_fraction_of_each_low_res_cell():
+    from sum.uncertainty.oracle import gt_lowres
+
+    # a 16x8 image at img_size 32: resized to 32x16, low-res 8x8 of which 8x4 hold the image;
+    # each low-res cell is then a 2x2 block of original pixels
+    m = np.zeros((16, 8), bool)
+    m[0, 0:3] = True
+    m[4:8, 4:8] = True
+    want = np.zeros((8, 8), np.float32)
+    want[0, 0], want[0, 1] = 0.5, 0.25
+    want[2:4, 2:4] = 1.0
+    assert np.array_equal(gt_lowres(m, 32, 8), want)
+
+
+def test_oracle_u_is_sam_against_its_best_gt_mask(tmp_path):
+    from sum.pseudo.store import read_shard
+    from sum.uncertainty.oracle import PROB_CLIP, gt_lowres, oracle_refined
+
+    _world(tmp_path)
+    part_of = _real_pool(tmp_path)
+    hidden = load_hidden_gt(sorted((tmp_path / "pool" / "hidden_gt").glob("annotations_*.json")))
+    doc, logits = read_shard(tmp_path / "pseudo", "pool", 0)
+    r, iou = oracle_refined(doc, logits, hidden, "pool")
+    sigmoid = lambda x: 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+    entity = np.zeros((40, 60), bool)
+    entity[20:40, 30:60] = True
+    p_entity = np.clip(gt_lowres(entity, 1024, 256), PROB_CLIP, 1 - PROB_CLIP)
+    p_part = np.clip(gt_lowres(part_of[11], 1024, 256), PROB_CLIP, 1 - PROB_CLIP)
+    # image 11: rows 0 (entity, exact), 1 (junk: overlaps no GT mask), 2 (its part, exact)
+    assert np.allclose(sigmoid(r[0]), p_entity, atol=1e-6) and iou[0] == 1.0
+    assert np.allclose(sigmoid(r[1]), PROB_CLIP, atol=1e-6) and iou[1] == 0.0
+    assert np.allclose(sigmoid(r[2]), p_part, atol=1e-6) and iou[2] == 1.0
+    # image 12 (rows 3, 4): the entity again, and the junk
+    assert np.allclose(sigmoid(r[3]), p_entity, atol=1e-6) and np.allclose(sigmoid(r[4]), PROB_CLIP, atol=1e-6)
+    assert p_entity[100, 200] == 1.0 - PROB_CLIP and p_entity[10, 10] == PROB_CLIP  # inside / outside
+
+
+def test_write_oracle_uncertainty(tmp_path):
+    from sum.uncertainty.maps import read_uncertainty_shard, write_uncertainty_shard
+    from sum.uncertainty.oracle import PROB_CLIP, gt_lowres, write_oracle_uncertainty
+
+    images = _world(tmp_path)
+    _real_pool(tmp_path)
+    photos = tmp_path / "photos" / "images"
+    photos.mkdir(parents=True)
+    m = np.zeros((8, 8), bool)
+    m[2:6, 2:6] = True
+    write_shard(tmp_path / "pseudo", "photos", 0, "real", [ShardImage("1", "a.png", 8, 8, 0, [oracle_records(m[None])[0]])])
+    cfg = SimpleNamespace(
+        data=SimpleNamespace(datasets={
+            "pool": SimpleNamespace(role="unlabeled", images=str(images)),
+            "photos": SimpleNamespace(role="unlabeled", images=str(photos)),
+        }),
+        pseudo=SimpleNamespace(out_dir=str(tmp_path / "pseudo")),
+        uncertainty=SimpleNamespace(out_dir=str(tmp_path / "unc"), datasets=[], hidden_gt="hidden_gt/annotations_*.json",
+                                    certainty_threshold=0.6, store_refined=True),
+    )
+    with pytest.raises(ValueError, match="would overwrite the stage's uncertainty maps"):
+        write_oracle_uncertainty(cfg, tmp_path / "unc")
+    with pytest.raises(FileNotFoundError, match="photos has no hidden GT and no uncertainty map to copy"):
+        write_oracle_uncertainty(cfg, tmp_path / "oracle")
+    assert not (tmp_path / "oracle" / "photos").exists() and not (tmp_path / "oracle" / "photos.partial").exists()
+    stage_u = np.full((1, 256, 256), 7, np.uint8)
+    write_uncertainty_shard(tmp_path / "unc", "photos", 0, stage_u, {"format": "sum-uncertainty-shard/1", "n_masks": 1})
+
+    assert write_oracle_uncertainty(cfg, tmp_path / "oracle") == {"pool": 7}
+    assert sorted(p.name for p in (tmp_path / "oracle").iterdir()) == ["photos", "pool"]
+    _, u_photos, _ = read_uncertainty_shard(tmp_path / "oracle", "photos", 0)
+    assert np.array_equal(u_photos, stage_u.astype(np.float32) / 255.0)  # copied
+    udoc, u, r = read_uncertainty_shard(tmp_path / "oracle", "pool", 1)  # image 13: entity (s = 21), junk (22)
+    entity = np.zeros((40, 60), bool)
+    entity[20:40, 30:60] = True
+    p = np.clip(gt_lowres(entity, 1024, 256), PROB_CLIP, 1 - PROB_CLIP)
+    s = 1.0 / (1.0 + np.exp(-21.0))
+    assert np.abs(u[0] - np.abs(s - p)).max() <= 1 / 510 + 1e-6  # spec Eq. 3, 8-bit
+    assert np.abs(u[1] - np.abs(1.0 - PROB_CLIP)).max() <= 1 / 510 + 1e-6  # nothing is there: all uncertain
+    assert udoc["oracle"] == "hidden_gt" and udoc["pseudo_config_hash"] == "real" and udoc["n_masks"] == 2
+    cfg.data.datasets["pool"].images = str(tmp_path / "nowhere" / "images")
+    with pytest.raises(ValueError, match="no dataset with pseudo labels has hidden GT"):
+        write_oracle_uncertainty(cfg, tmp_path / "oracle")

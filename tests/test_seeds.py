@@ -7,6 +7,7 @@ x 2 iterations, its resume, and a bad method name refused in one line."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import time
@@ -288,3 +289,50 @@ def test_an_unknown_method_is_one_line_naming_seeds_methods(base, tmp_path, monk
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "seeds.methods" in err[0] and "hq_onyl" in err[0], err
     assert not (root / "outputs/seeds").exists() and not (root / "metrics/seeds.json").exists()
+
+
+# ---- variants: a method on other uncertainty maps (the dose-response, params/seeds/dose.yaml) ---
+
+
+def test_a_variant_is_its_method_on_its_own_uncertainty_maps(tmp_path, monkeypatch):
+    from sum.train.method import resolve_method
+
+    cfg = tiny_seeds_config()
+    maps = tmp_path / "u_oracle"
+    maps.mkdir()
+    cfg.seeds = sc.SeedsConfig(methods=["sum", "sum@oracle"], seeds=[0], comparisons=["sum@oracle vs sum"],
+                               protocols=["point"], rounds=[1], uncertainty_variants={"oracle": str(maps)})
+    methods, pairs = seeds_mod.check_seeds_config(cfg)
+    assert [m.name for m in methods] == ["sum", "sum@oracle"]
+    assert dataclasses.replace(methods[1], name="sum") == methods[0] and methods[0].uses_uncertainty
+    assert ("sum@oracle", "sum") in pairs
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(run_cfg, name):
+        assert resolve_method(run_cfg, name) is run_cfg.method  # what finetune trains
+        seen.append((name, run_cfg.train.uncertainty_dir, seeds_mod.run_key(run_cfg, run_cfg.method)))
+        raise Stop
+
+    monkeypatch.setattr(seeds_mod, "finetune", record)
+    for method in methods:
+        with pytest.raises(Stop):
+            seeds_mod.train_seed(cfg, method, 0, tmp_path / "out")
+    (plain, plain_dir, plain_key), (variant, variant_dir, variant_key) = seen
+    assert (plain, plain_dir) == ("sum", cfg.train.uncertainty_dir)
+    assert (variant, variant_dir) == ("sum@oracle", str(maps)) and variant_key != plain_key
+
+
+@pytest.mark.parametrize("methods, variants, message", [
+    (["sum@nope"], {}, r"seeds.methods: 'sum@nope': no seeds.uncertainty_variants.nope \(known: \[\]\)"),
+    (["hq_only@oracle"], {"oracle": "."}, "seeds.methods: 'hq_only@oracle': method 'hq_only' reads no uncertainty maps"),
+    (["sum@oracle"], {"oracle": "no/such/folder"}, "seeds.uncertainty_variants.oracle=no/such/folder: not a folder"),
+])
+def test_bad_variants_are_named(methods, variants, message):
+    cfg = tiny_seeds_config()
+    cfg.seeds = sc.SeedsConfig(methods=methods, seeds=[0], comparisons=[], protocols=["point"], rounds=[1],
+                               uncertainty_variants=variants)
+    with pytest.raises(ValueError, match=message):
+        seeds_mod.check_seeds_config(cfg)

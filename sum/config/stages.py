@@ -306,6 +306,9 @@ class SeedsConfig:
     ci_level: float = 0.95  # coverage of that interval
     out_dir: str = "outputs/seeds"  # models/<method>_s<seed>.pt, eval/, table.md
     metrics: str = "metrics/seeds.json"
+    # label -> uncertainty folder: the method "<m>@<label>" is <m> fine-tuned with
+    # train.uncertainty_dir=<folder> (the dose-response, params/seeds/dose.yaml)
+    uncertainty_variants: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

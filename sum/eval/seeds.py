@@ -9,7 +9,9 @@ with the defaults, past the pipeline's budget; the README says how to run it). W
    configured), its scratch under ``<out_dir>/runs/<method>_s<seed>/`` (a killed fine-tune
    resumes from its state there), the checkpoint then renamed to
    ``<out_dir>/models/<method>_s<seed>.pt`` and its record ``<method>_s<seed>.json`` (the run's
-   key, time and metrics) written last. A checkpoint whose record holds the key of this config
+   key, time and metrics) written last. A method ``<m>@<label>`` is method ``<m>`` fine-tuned
+   on the uncertainty maps of ``seeds.uncertainty_variants[label]`` (``train.uncertainty_dir``):
+   the dose-response of ``params/seeds/dose.yaml``, the same method on maps of growing quality. A checkpoint whose record holds the key of this config
    (`run_key`: the fine-tune's resume key, iterations included) is reused, not trained again.
 2. **One evaluation** (`seeds_eval_config`): `sum.eval.evaluate.run_evaluate` of the foundation
    model and every checkpoint on ``eval``'s benchmarks and settings, with the protocols of
@@ -111,10 +113,23 @@ def check_seeds_config(cfg) -> Tuple[List, List[Tuple[str, str]]]:
     for name in sd.methods:
         if name == FOUNDATION:
             raise ValueError(f"seeds.methods: {FOUNDATION!r} is the foundation model's column, not a method")
+        base, _, label = name.partition("@")
         try:
-            methods.append(resolve_method(cfg, name))
+            method = resolve_method(cfg, base)
         except ValueError as e:
             raise ValueError(f"seeds.methods: {e}") from None
+        if label:
+            if label not in sd.uncertainty_variants:
+                raise ValueError(f"seeds.methods: {name!r}: no seeds.uncertainty_variants.{label} "
+                                 f"(known: {sorted(sd.uncertainty_variants)})")
+            if not method.uses_uncertainty:
+                raise ValueError(f"seeds.methods: {name!r}: method {base!r} reads no uncertainty maps")
+            folder = sd.uncertainty_variants[label]
+            if not Path(folder).is_dir():
+                raise ValueError(f"seeds.uncertainty_variants.{label}={folder}: not a folder of uncertainty maps "
+                                 "(params/seeds/dose.yaml says how to make it)")
+            method = dataclasses.replace(method, name=name)
+        methods.append(method)
     seeds = list(sd.seeds)
     if not seeds or len(set(seeds)) != len(seeds) or not all(_is_int(s) and s >= 0 for s in seeds):
         raise ValueError(f"seeds.seeds={seeds}: expected distinct integers >= 0")
@@ -180,7 +195,10 @@ def train_seed(cfg, method, seed: int, out_dir: Path) -> Tuple[str, float, bool]
     final = out_dir / "models" / f"{name}.pt"
     record_path = final.with_suffix(".json")
     work = out_dir / "runs" / name
-    train = dataclasses.replace(cfg.train, seed=seed, run_dir=str(work), model_dir=str(work), metrics_dir=str(work))
+    label = method.name.partition("@")[2]  # a variant trains on its own uncertainty maps
+    u_dir = cfg.seeds.uncertainty_variants[label] if label else cfg.train.uncertainty_dir
+    train = dataclasses.replace(cfg.train, seed=seed, run_dir=str(work), model_dir=str(work), metrics_dir=str(work),
+                                uncertainty_dir=u_dir)
     run_cfg = dataclasses.replace(cfg, train=train, method=method)
     key = run_key(run_cfg, method)
     record = _read_record(record_path, RUN_FORMAT)

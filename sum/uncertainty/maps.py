@@ -253,8 +253,27 @@ def uncertainty_shard(
     Returns:
       (u uint8 (M, h, w), r float16 (M, h, w), json document with per-mask summaries).
     """
-    img_size = int(doc.get("img_size", 1024))
     r_mhw, iou_m = refine_pseudo_labels(refiner, embedding_of, doc["images"], logits_mhw, batch_size)
+    return shard_from_refined(doc, logits_mhw, r_mhw, iou_m, threshold)
+
+
+def shard_from_refined(
+    doc: dict,
+    logits_mhw: np.ndarray,
+    r_mhw: np.ndarray,
+    iou_m: np.ndarray,
+    threshold: float = CERTAINTY_THRESHOLD,
+) -> Tuple[np.ndarray, np.ndarray, dict]:
+    """u, r and the summary document of one pseudo-label shard, given the refined logits ``r``
+    of its pseudo labels (rows in ``logit_index`` order) and their predicted IoU ``iou_m`` (the
+    refinement module's, or the oracle's, `sum.uncertainty.oracle`).
+
+    Returns:
+      (u uint8 (M, h, w), r float16 (M, h, w), json document with per-mask summaries).
+    """
+    img_size = int(doc.get("img_size", 1024))
+    if r_mhw.shape != logits_mhw.shape:
+        raise ValueError(f"shard {doc.get('shard')}: r is {r_mhw.shape}, the pseudo-label logits {logits_mhw.shape}")
     u_mhw = uncertainty_map(logits_mhw.astype(np.float32), r_mhw)
     images = []
     for img in doc["images"]:
