@@ -266,6 +266,10 @@ def test_write_oracle_uncertainty(tmp_path):
     assert np.abs(u[0] - np.abs(s - p)).max() <= 1 / 510 + 1e-6  # spec Eq. 3, 8-bit
     assert np.abs(u[1] - np.abs(1.0 - PROB_CLIP)).max() <= 1 / 510 + 1e-6  # nothing is there: all uncertain
     assert udoc["oracle"] == "hidden_gt" and udoc["pseudo_config_hash"] == "real" and udoc["n_masks"] == 2
+    from sum.uncertainty.report import maps_source  # the report then copies no refiner's metrics
+
+    assert maps_source(tmp_path / "oracle", ["photos", "pool"]) == "oracle"
+    assert maps_source(tmp_path / "unc", ["photos", "pool"]) == "refiner"
     cfg.data.datasets["pool"].images = str(tmp_path / "nowhere" / "images")
     with pytest.raises(ValueError, match="no dataset with pseudo labels has hidden GT"):
         write_oracle_uncertainty(cfg, tmp_path / "oracle")

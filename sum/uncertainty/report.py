@@ -156,12 +156,26 @@ def uncertainty_report(
     return metrics
 
 
+def maps_source(uncertainty_dir: str | os.PathLike, datasets: Sequence[str]) -> str:
+    """"oracle" when some shard of ``datasets`` under ``uncertainty_dir`` was written by
+    `sum.uncertainty.oracle` (its json says ``"oracle"``), else "refiner"."""
+    for name in datasets:
+        for path in sorted((Path(uncertainty_dir) / name).glob("shard-*.json")):
+            try:
+                if "oracle" in json.loads(path.read_text()):
+                    return "oracle"
+            except (OSError, ValueError):
+                continue
+    return "refiner"
+
+
 def run_uncertainty_report(cfg) -> dict:
     """The ``uncertainty-report`` stage: `uncertainty_report` over the datasets with uncertainty
     shards, with the refiner checkpoint's validation metrics."""
     ucfg = cfg.uncertainty
     names = stage_datasets(cfg)
-    _, meta = load_refiner(cfg.refine.out)
+    # maps of `sum.uncertainty.oracle` come from no refiner: none of its metrics is theirs
+    meta = None if maps_source(ucfg.out_dir, names) == "oracle" else load_refiner(cfg.refine.out)[1]
     datasets = {n: cfg.data.datasets[n].images for n in names}
     with stage_run(cfg.tracking, "uncertainty-report", params={"uncertainty": ucfg}) as tracker:
         report = uncertainty_report(cfg.pseudo.out_dir, ucfg.out_dir, datasets, ucfg, meta)
