@@ -323,6 +323,9 @@ def test_a_variant_is_its_method_on_its_own_uncertainty_maps(tmp_path, monkeypat
     (plain, plain_dir, plain_key), (variant, variant_dir, variant_key) = seen
     assert (plain, plain_dir) == ("sum", cfg.train.uncertainty_dir)
     assert (variant, variant_dir) == ("sum@oracle", str(maps)) and variant_key != plain_key
+    from sum.eval.protocol import MODEL_NAME
+
+    assert model_name("sum@oracle", 2) == "sum-oracle_s2" and MODEL_NAME.match(model_name("sum@oracle", 2))
 
 
 @pytest.mark.parametrize("methods, variants, message", [

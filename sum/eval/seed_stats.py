@@ -46,8 +46,10 @@ KINDS = {label: flag for label, flag in PART_SPLIT.values()}  # part rows -> Mas
 
 
 def model_name(method: str, seed: int) -> str:
-    """The evaluation's model of ``method`` trained with ``seed``: ``<method>_s<seed>``."""
-    return f"{method}_s{seed}"
+    """The evaluation's model of ``method`` trained with ``seed``: ``<method>_s<seed>``; a variant
+    ``<m>@<label>`` (`sum.eval.seeds`) becomes ``<m>-<label>_s<seed>`` (``@`` marks the
+    evaluation's own column variants, ``sum@tp0``, and MLflow refuses it in metric names)."""
+    return f"{method.replace('@', '-')}_s{seed}"
 
 
 def table_rows(records: Sequence, pooled: Mapping[str, str]) -> List[str]:

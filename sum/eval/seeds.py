@@ -69,7 +69,8 @@ def run_seeds(cfg) -> Dict:
     methods, comparisons = check_seeds_config(cfg)
     sd = cfg.seeds
     out = Path(sd.out_dir)
-    names = check_eval_config(seeds_eval_config(cfg, {}), cfg.data.datasets)  # before hours of training
+    planned = {model_name(m.name, s): "" for m in methods for s in sd.seeds}  # their names, before hours of training
+    names = check_eval_config(seeds_eval_config(cfg, planned), cfg.data.datasets)
     for path in (out, sd.metrics):
         remove_temporaries(path)
 
