@@ -46,15 +46,16 @@ def suite_sizes(setting: str) -> Dict[str, object]:
     return SIZES[setting]
 
 
-def run_one(bench: str, name: str, model, weights: str, device: str, sizes: Dict[str, object]) -> Result:
+def run_one(bench: str, name: str, model, weights: str, device: str, sizes: Dict[str, object]) -> List[Result]:
+    """A benchmark's rows (pseudolabel: ours at the pipeline's decoder precision, and bf16)."""
     fast_mode = model_config(name).fast_path
     if bench == "encoder":
-        return encoder.run(model, name, weights, device, fast_mode, sizes["encoder"])
+        return [encoder.run(model, name, weights, device, fast_mode, sizes["encoder"])]
     if bench == "pseudolabel":
         return pseudolabel.run(model, name, weights, device, fast_mode, sizes["pseudolabel"])
     if bench == "interactive":
-        return interactive.run(model, name, weights, device, sizes["interactive"])
-    return train_step.run(name, device, sizes["train_step"])
+        return [interactive.run(model, name, weights, device, sizes["interactive"])]
+    return [train_step.run(name, device, sizes["train_step"])]
 
 
 def run_suite(models: Sequence[str], benches: Sequence[str], device: str, sizes,
@@ -67,14 +68,15 @@ def run_suite(models: Sequence[str], benches: Sequence[str], device: str, sizes,
         for bench in (b for b in BENCHMARKS if b in benches):
             print(f"{bench} on {name} ({device}) ...", flush=True)
             try:
-                r = run_one(bench, name, model, weights, device, sizes)
+                rows = run_one(bench, name, model, weights, device, sizes)
             except Exception as e:  # the suite goes on; the JSON says what broke
                 traceback.print_exc()
                 errors.append({"benchmark": bench, "model": name, "error": f"{type(e).__name__}: {e}",
                                "traceback": traceback.format_exc()})
             else:
-                results.append(r)
-                print(f"  {format_row(r)}", flush=True)
+                for r in rows:
+                    results.append(r)
+                    print(f"  {format_row(r)}", flush=True)
             if on_result is not None:
                 on_result(results, errors)
         del model

@@ -38,13 +38,35 @@ def test_mask_match_counts_ious_and_identical_masks():
     b[12:18, 5:15] = True
     a_shifted = np.roll(a, 1, axis=1)  # IoU 56 / 72
     same = pseudolabel.match([rle(a), rle(b)], [rle(a), rle(b)])
-    assert same == {"official": 2, "ours": 2, "matched": 2, "min_iou": 1.0, "identical": 2, "ok": True}
+    assert same == {"official": 2, "ours": 2, "matched": 2, "ours_matched": 2, "min_iou": 1.0, "mean_iou": 1.0,
+                    "iou_sum": 2.0, "identical": 2, "ok": True}
     swapped = pseudolabel.match([rle(a), rle(b)], [rle(b), rle(a)])  # same set, other order
     assert swapped["ok"] and swapped["identical"] == 0 and swapped["matched"] == 2
     moved = pseudolabel.match([rle(a), rle(b)], [rle(a_shifted), rle(b)])
     assert not moved["ok"] and moved["matched"] == 1 and moved["min_iou"] == pytest.approx(56 / 72)
     missing = pseudolabel.match([rle(a), rle(b)], [rle(a)])
     assert not missing["ok"] and missing["matched"] == 1 and missing["min_iou"] == 0.0
+    assert moved["mean_iou"] == pytest.approx((1 + 56 / 72) / 2) and moved["ours_matched"] == 1
+
+
+def test_bf16_check_allows_a_near_duplicate_but_not_a_moved_or_lost_mask():
+    """`bf16_ok`: a count off by a near-duplicate (IoU >= 0.95 with a kept mask) passes; a mask
+    moved by a pixel column (IoU 56/72), a lost one or an extra unmatched one fails."""
+    a = np.zeros((40, 40), bool)
+    a[2:22, 2:22] = True
+    a_dup = a.copy()
+    a_dup[21, 2:10] = False  # 8 of 400 pixels: IoU 0.98
+    b = np.zeros((40, 40), bool)
+    b[30:36, 5:15] = True
+    c = np.zeros((40, 40), bool)
+    c[25:29, 25:39] = True
+    summed = pseudolabel.summed
+    dup = pseudolabel.bf16_ok(summed([pseudolabel.match([rle(a), rle(b)], [rle(a), rle(a_dup), rle(b)])]))
+    assert dup["ok"] and dup["ours"] == 3 and dup["mean_iou"] == 1.0
+    moved = np.roll(b, 1, axis=1)
+    assert not pseudolabel.bf16_ok(summed([pseudolabel.match([rle(a), rle(b)], [rle(a), rle(moved)])]))["ok"]
+    assert not pseudolabel.bf16_ok(summed([pseudolabel.match([rle(a), rle(b)], [rle(a)])]))["ok"]
+    assert not pseudolabel.bf16_ok(summed([pseudolabel.match([rle(a), rle(b)], [rle(a), rle(b), rle(c)])]))["ok"]
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +96,18 @@ def test_reference_clicks_equal_run_protocol_and_a_difference_fails_the_check(ti
 
 def test_generator_masks_match_and_a_lost_mask_fails_the_check(tiny, monkeypatch):
     model, weights = tiny
-    result = pseudolabel.run(model, "tiny", weights, "cpu", "off", SMOKE["pseudolabel"])
-    assert result.check["ok"] and result.check["official"] >= 1
+    result, bf16 = pseudolabel.run(model, "tiny", weights, "cpu", "off", SMOKE["pseudolabel"])
+    assert result.check["ok"] and result.check["official"] >= 1 and "fp32 decoder" in result.ours
     assert result.check["identical"] == result.check["official"]  # fast decoder, same model: bit-identical here
+    # the bf16 decoder's row: same official timing, its own time, masks against the official ones
+    assert "bf16 decoder" in bf16.ours and bf16.reference_s == result.reference_s and bf16.ours_s != result.ours_s
+    assert bf16.check["ok"] and bf16.check["official"] == result.check["official"] and bf16.check["mean_iou"] >= 0.99
+    assert bf16.settings["ours_params"]["decoder_precision"] == "bf16"
     real = pseudolabel.MaskGenerator.generate
     monkeypatch.setattr(pseudolabel.MaskGenerator, "generate", lambda self, image: real(self, image)[1:])
-    broken = pseudolabel.run(model, "tiny", weights, "cpu", "off", SMOKE["pseudolabel"])
+    broken, broken16 = pseudolabel.run(model, "tiny", weights, "cpu", "off", SMOKE["pseudolabel"])
     assert not broken.check["ok"] and broken.check["ours"] == broken.check["official"] - 1
+    assert not broken16.check["ok"]
 
 
 def test_cpu_layouts_time_both_sides_in_one_thread_processes_and_match_their_masks(tiny):
@@ -91,7 +118,7 @@ def test_cpu_layouts_time_both_sides_in_one_thread_processes_and_match_their_mas
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        result = pseudolabel.run(model, "tiny", weights, "cpu", "off", sizes)
+        result, bf16 = pseudolabel.run(model, "tiny", weights, "cpu", "off", sizes)
     finally:
         torch.set_num_threads(before)
     layouts = result.settings["layouts"]
@@ -100,6 +127,9 @@ def test_cpu_layouts_time_both_sides_in_one_thread_processes_and_match_their_mas
     for side in ("official", "ours"):
         par = result.extra["parallel_masks_vs_official"][side]
         assert par["ok"] and par["official"] == result.check["official"] >= 2
+    # the bf16 decoder runs both layouts too; its check covers both runs' masks
+    assert set(bf16.settings["layouts"]["ours"]) == {"1x2", "2x1"} and bf16.ours_s == min(bf16.settings["layouts"]["ours"].values())
+    assert bf16.check["official"] == 2 * result.check["official"] and bf16.check["ok"]
 
 
 def test_encoder_check_compares_embeddings(tiny, monkeypatch):
@@ -146,11 +176,13 @@ def test_device_check_smoke_runs_the_suite_and_writes_every_benchmark(tmp_path):
     data = json.loads((tmp_path / "suite-tiny.json").read_text())
     assert data["smoke"] and data["complete"] and data["errors"] == [] and data["machine"]["cpu_count"] == os.cpu_count()
     assert "loadavg_1_5_15" in data["machine"] and data["machine"]["torch_threads"] == 1
-    assert [r["benchmark"] for r in data["results"]] == list(BENCHMARKS)
+    assert list(dict.fromkeys(r["benchmark"] for r in data["results"])) == list(BENCHMARKS)
+    assert [r["ours"].split("(")[1].split(")")[0] for r in data["results"] if r["benchmark"] == "pseudolabel"] == [
+        "fast, fp32 decoder", "fast, bf16 decoder"]
     for r in data["results"]:
         assert r["ratio"] == pytest.approx(r["reference_s"] / r["ours_s"]) and r["check"]["ok"], r
     table = (tmp_path / "tables.md").read_text().splitlines()
-    assert sum(line.startswith("| ") and "tiny" in line for line in table) == len(BENCHMARKS)
+    assert sum(line.startswith("| ") and "tiny" in line for line in table) == len(BENCHMARKS) + 1
     assert "skipped" in (tmp_path / "device_check.log").read_text()
 
 

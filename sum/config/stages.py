@@ -94,6 +94,7 @@ class PseudoConfig:
     min_mask_region_area: int = 0
     decoder: str = "fast"
     decoder_batch: Optional[int] = None  # grid points decoded together; None = sized per device
+    decoder_precision: str = "fp32"  # "bf16": the fast decoder's image-token work under bf16 autocast
     # read-time selection (spec §3.5)
     min_ratio: float = 100.0
     max_ratio: float = 0.95

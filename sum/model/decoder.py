@@ -252,7 +252,9 @@ def decode(
     return upscale_masks(mask_decoder, keys_bnc, hyper_bcm, (he, we)), iou_bm
 
 
-def upscale_masks(mask_decoder: nn.Module, keys_bnc: Tensor, hyper_bcm: Tensor, hw: Tuple[int, int]) -> Tensor:
+def upscale_masks(
+    mask_decoder: nn.Module, keys_bnc: Tensor, hyper_bcm: Tensor, hw: Tuple[int, int], product_dtype: Optional[torch.dtype] = None
+) -> Tensor:
     """``MaskDecoder``'s output upscaling and hypernetwork product, as matrix products: SAM's two
     kernel-2 stride-2 transposed convolutions are per-pixel linear maps, run in token layout with
     the LayerNorm2d as a layer norm over the last axis; one permutation puts the sub-pixels in place.
@@ -262,6 +264,8 @@ def upscale_masks(mask_decoder: nn.Module, keys_bnc: Tensor, hyper_bcm: Tensor, 
       keys_bnc: (B, N = He*We, C) image tokens after the transformer.
       hyper_bcm: (B, C', M) hypernetwork outputs of the M mask tokens read.
       hw: (He, We).
+      product_dtype: None, or the dtype of the last product (upscaled tokens x hypernetwork
+        outputs), computed outside any autocast (``PointBatchDecoder``'s bf16: logits in fp32).
     Returns:
       (B, M, 4He, 4We) mask logits.
     """
@@ -275,5 +279,9 @@ def upscale_masks(mask_decoder: nn.Module, keys_bnc: Tensor, hyper_bcm: Tensor, 
     w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)  # columns (i2, j2, c2)
     z = act2(torch.addmm(conv2.bias.repeat(4), z.reshape(b * n * 4, c1), w2).view(b, n * 16, c2))
     nm = hyper_bcm.shape[2]
-    m = torch.bmm(z, hyper_bcm)  # (B, N*16, M), rows (y, x, i, j, i2, j2)
+    if product_dtype is None:
+        m = torch.bmm(z, hyper_bcm)  # (B, N*16, M), rows (y, x, i, j, i2, j2)
+    else:
+        with torch.autocast(z.device.type, enabled=False):
+            m = torch.bmm(z.to(product_dtype), hyper_bcm.to(product_dtype))
     return m.view(b, he, we, 2, 2, 2, 2, nm).permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, nm, 4 * he, 4 * we)

@@ -45,7 +45,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch import Tensor
 from torchvision.ops.boxes import batched_nms, box_area
 
-from sum.pseudo.point_decoder import PointBatchDecoder
+from sum.pseudo.point_decoder import PRECISIONS, PointBatchDecoder
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class MaskGenerator:
         decoder: str = "fast",
         upsample_batch: int = 16,
         decoder_batch: Optional[int] = None,
+        decoder_precision: str = "fp32",
     ) -> None:
         """SAM's automatic mask generator for pseudo-labels (spec §3.3), same masks as
         `segment_anything.SamAutomaticMaskGenerator` at equal settings.
@@ -102,6 +103,11 @@ class MaskGenerator:
             inside a ``points_per_batch`` batch. Prompts are independent, so this changes nothing
             but speed and memory (B x 4096 x 256 floats of image tokens per batch). None: sized
             per device (`decoder_batch_for`).
+          decoder_precision (str): with ``decoder="fast"``, "fp32" or "bf16": the decoder's work on
+            the image tokens under bf16 autocast, its heads and logits in fp32
+            (`PointBatchDecoder`). Faster where the device has bf16 matrix units (here about 1.5x
+            on a CPU with avx512_bf16); masks equal fp32's up to pixels within rounding and NMS
+            ties (`benchmarks.pseudolabel` reports both).
         """
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("exactly one of points_per_side or point_grids must be given")
@@ -109,6 +115,10 @@ class MaskGenerator:
             raise ValueError(f"output_mode={output_mode!r}: expected one of {OUTPUT_MODES}")
         if decoder not in DECODERS:
             raise ValueError(f"decoder={decoder!r}: expected one of {DECODERS}")
+        if decoder_precision not in PRECISIONS:
+            raise ValueError(f"decoder_precision={decoder_precision!r}: expected one of {PRECISIONS}")
+        if decoder_precision != "fp32" and decoder != "fast":
+            raise ValueError(f"decoder_precision={decoder_precision!r} needs decoder='fast' (SAM's own decoder runs fp32)")
         if points_per_side is not None:
             self.point_grids = build_all_layer_point_grids(
                 points_per_side, crop_n_layers, crop_n_points_downscale_factor
@@ -136,6 +146,7 @@ class MaskGenerator:
         if decoder_batch is not None and decoder_batch < 1:
             raise ValueError(f"decoder_batch={decoder_batch}: expected >= 1 or None (sized per device)")
         self.decoder_batch = decoder_batch
+        self.decoder_precision = decoder_precision
 
     @property
     def device(self) -> torch.device:
@@ -283,7 +294,9 @@ class MaskGenerator:
         layer_idx: int,
         orig_size: Tuple[int, int],
     ) -> MaskData:
-        decode = PointBatchDecoder(self.model, embedding, self.task_prompt, exact=self.decoder == "exact")
+        decode = PointBatchDecoder(
+            self.model, embedding, self.task_prompt, exact=self.decoder == "exact", precision=self.decoder_precision
+        )
         points_scale = np.array(crop_size)[None, ::-1]
         points_for_image = self.point_grids[layer_idx] * points_scale
         token_hw = self._token_crop(embedding, input_size) if self.decoder == "fast" else None

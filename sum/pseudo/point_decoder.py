@@ -12,12 +12,21 @@ those only the image tokens that the resized image covers (`PointBatchDecoder.de
 `PointBatchDecoder.complete_logits` adds the rest for the masks that pass every filter.
 
 ``exact=True`` runs SAM's own `MaskDecoder` instead (`sum.model.decoder.decode` with ``exact``).
+
+``precision="bf16"`` runs the per-prompt work on the image tokens (the two-way transformer and the
+output upscaling) under bf16 autocast and the token-side heads in fp32: the IoU head and the
+hypernetwork read the tokens cast back to fp32, and the hypernetwork product that makes the logits
+runs in fp32, so the predicted IoUs (the NMS scores) and the logits the stability score counts are
+not rounded to bf16's 8-bit mantissa. Masks then differ from fp32's where a pixel's logit lies within
+bf16's rounding of 0 and where two candidates' scores lie within it of each other (NMS keeps the
+other grid point's mask of the same object); `benchmarks.pseudolabel` measures both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Dict, Optional, Tuple
+from typing import ContextManager, Dict, Optional, Tuple
 
 import torch
 from segment_anything.modeling import Sam
@@ -27,6 +36,7 @@ from torch import Tensor
 from sum.model.decoder import decode, hypernetwork, two_way, upscale_masks, upscaling_is_sam
 
 log = logging.getLogger(__name__)
+PRECISIONS = ("fp32", "bf16")
 
 
 class PointBatchDecoder:
@@ -42,15 +52,26 @@ class PointBatchDecoder:
       embedding (Tensor): (1, C, He, We) image embedding.
       task_prompt (int): task id added to the dense embedding (spec §2.2); 0 is plain SAM.
       exact (bool): run SAM's own `MaskDecoder` (bit-identical to the official generator).
+      precision (str): "fp32", or "bf16": the image-token work under bf16 autocast, the heads and
+        the logits in fp32 (module docstring); not with ``exact``.
     """
 
-    def __init__(self, model: Sam, embedding: Tensor, task_prompt: int = 0, exact: bool = False) -> None:
+    def __init__(
+        self, model: Sam, embedding: Tensor, task_prompt: int = 0, exact: bool = False, precision: str = "fp32"
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
+        if precision != "fp32" and exact:
+            raise ValueError(f"precision={precision!r} needs the fast decoder; SAM's own MaskDecoder (exact) runs fp32")
+        self.precision = precision
         self.model = model
         self.embedding = embedding
         self.task_prompt = int(task_prompt)
         self.decoder = model.mask_decoder
         self.exact = exact or not upscaling_is_sam(self.decoder)
         if self.exact and not exact:
+            if precision != "fp32":
+                raise ValueError(f"precision={precision!r} needs SAM's output upscaling; this mask decoder's is not SAM's")
             log.warning("mask decoder output_upscaling is not SAM's; using SAM's MaskDecoder forward")
         self.image_pe = model.prompt_encoder.get_dense_pe()  # (1, C, He, We)
         self._shared: Optional[Tuple[Tensor, Tensor]] = None
@@ -110,7 +131,9 @@ class PointBatchDecoder:
             low_res_b3hw = low_res_b3hw[..., : 4 * th, : 4 * tw]
             return iou_b3, keep_b3, low_res_b3hw[keep_b3] if select else low_res_b3hw.flatten(0, 1)
 
-        hs_btc, keys_bnc = self._transformer(sparse_btc, dense_bchw[:1])
+        with self._autocast():
+            hs_btc, keys_bnc = self._transformer(sparse_btc, dense_bchw[:1])
+        hs_btc = hs_btc.float()  # the token-side heads run in fp32 (a no-op in fp32)
         iou_b3 = self.decoder.iou_prediction_head(hs_btc[:, 0, :])[:, 1:]  # hs: iou, mask tokens 1..
         keep_b3 = iou_keep(iou_b3, pred_iou_thresh)
         if select:
@@ -122,7 +145,7 @@ class PointBatchDecoder:
         low_res = []
         for (idx,) in batch_iterator(16, rows):
             keys = token_block(keys_bnc[idx], (he, we), (0, th), (0, tw))
-            low_res_k3hw = upscale_masks(self.decoder, keys, self._hyper(hs_btc[idx]), (th, tw))
+            low_res_k3hw = self._upscale(keys, self._hyper(hs_btc[idx]), (th, tw))
             low_res.append(low_res_k3hw[keep_b3[idx]] if select else low_res_k3hw.flatten(0, 1))
         return iou_b3, keep_b3, torch.cat(low_res)
 
@@ -141,16 +164,31 @@ class PointBatchDecoder:
         for i in range(0, len(points_k2), 4):
             sl = slice(i, i + 4)
             sparse_btc, dense_bchw = self.embed_points(points_k2[sl])
-            hs_btc, keys_bnc = self._transformer(sparse_btc, dense_bchw[:1])
-            hyper = self._hyper(hs_btc)
+            with self._autocast():
+                hs_btc, keys_bnc = self._transformer(sparse_btc, dense_bchw[:1])
+            hyper = self._hyper(hs_btc.float())
             hyper_kc1 = hyper[torch.arange(len(hyper)), :, output_k[sl]].unsqueeze(2)
             if bh < he:  # rows below the block, all columns
                 keys = token_block(keys_bnc, (he, we), (bh, he), (0, we))
-                out[sl, 4 * bh :, :] = upscale_masks(self.decoder, keys, hyper_kc1, (he - bh, we))[:, 0].to(out.dtype)
+                out[sl, 4 * bh :, :] = self._upscale(keys, hyper_kc1, (he - bh, we))[:, 0].to(out.dtype)
             if bw < we:  # columns right of the block, block rows
                 keys = token_block(keys_bnc, (he, we), (0, bh), (bw, we))
-                out[sl, : 4 * bh, 4 * bw :] = upscale_masks(self.decoder, keys, hyper_kc1, (bh, we - bw))[:, 0].to(out.dtype)
+                out[sl, : 4 * bh, 4 * bw :] = self._upscale(keys, hyper_kc1, (bh, we - bw))[:, 0].to(out.dtype)
         return out
+
+    def _autocast(self) -> ContextManager:
+        """bf16 autocast on the embedding's device with ``precision="bf16"``, else nothing."""
+        if self.precision == "bf16":
+            return torch.autocast(self.embedding.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _upscale(self, keys_bnc: Tensor, hyper_bcm: Tensor, hw: Tuple[int, int]) -> Tensor:
+        """`upscale_masks`; with bf16 the upscaling under autocast, the product with the
+        hypernetwork outputs (fp32) in fp32."""
+        if self.precision == "fp32":
+            return upscale_masks(self.decoder, keys_bnc, hyper_bcm, hw)
+        with self._autocast():
+            return upscale_masks(self.decoder, keys_bnc, hyper_bcm, hw, product_dtype=torch.float32)
 
     def _hyper(self, hs_btc: Tensor) -> Tensor:
         """Hypernetwork outputs (B, C', 3) of the multimask outputs from `_transformer`'s tokens."""
