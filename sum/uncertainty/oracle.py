@@ -83,6 +83,7 @@ def oracle_refined(doc: dict, logits_mhw: np.ndarray, hidden: Dict[str, tuple], 
     low_res = logits_mhw.shape[-1]
     r_mhw = np.zeros(logits_mhw.shape, np.float32)
     iou_m = np.zeros((logits_mhw.shape[0],), np.float32)
+    nothing = prob_to_logit(np.zeros(logits_mhw.shape[1:], np.float32))  # p = 0: no object there
     for img in doc["images"]:
         anns = img["annotations"]
         if not anns:
@@ -96,15 +97,15 @@ def oracle_refined(doc: dict, logits_mhw: np.ndarray, hidden: Dict[str, tuple], 
         rows = [int(a["logit_index"]) for a in anns]
         gt, _ = hidden_gt_masks(entry, f"hidden GT of {img['file_name']}")
         if len(gt) == 0:
-            r_mhw[rows] = prob_to_logit(np.zeros(logits_mhw.shape[1:], np.float32))
+            r_mhw[rows] = nothing
             continue
         iou = mask_iou_matrix(pseudo_label_masks(anns, size), gt)
         best = iou.argmax(axis=1)
+        best_iou = iou[np.arange(len(rows)), best]
         lowres = {int(k): prob_to_logit(gt_lowres(gt[k], img_size, low_res)) for k in set(best.tolist())}
-        nothing = prob_to_logit(np.zeros(logits_mhw.shape[1:], np.float32))
-        overlaps = iou[np.arange(len(rows)), best] > 0  # no GT overlaps it: no object is there
-        r_mhw[rows] = np.stack([lowres[int(k)] if o else nothing for k, o in zip(best, overlaps)])
-        iou_m[rows] = iou[np.arange(len(rows)), best]
+        # a pseudo label no GT overlaps has no object there: p = 0
+        r_mhw[rows] = np.stack([lowres[int(k)] if v > 0 else nothing for k, v in zip(best, best_iou)])
+        iou_m[rows] = best_iou
     return r_mhw, iou_m
 
 

@@ -157,15 +157,18 @@ def uncertainty_report(
 
 
 def maps_source(uncertainty_dir: str | os.PathLike, datasets: Sequence[str]) -> str:
-    """"oracle" when some shard of ``datasets`` under ``uncertainty_dir`` was written by
-    `sum.uncertainty.oracle` (its json says ``"oracle"``), else "refiner"."""
+    """"oracle" when the shards of some dataset of ``datasets`` under ``uncertainty_dir`` were
+    written by `sum.uncertainty.oracle` (its json says ``"oracle"``), else "refiner". One command
+    writes a dataset's folder, so its first readable shard speaks for it."""
     for name in datasets:
         for path in sorted((Path(uncertainty_dir) / name).glob("shard-*.json")):
             try:
-                if "oracle" in json.loads(path.read_text()):
-                    return "oracle"
-            except (OSError, ValueError):
+                doc = json.loads(path.read_text())
+            except (OSError, ValueError):  # the report names a broken shard when it reads it
                 continue
+            if "oracle" in doc:
+                return "oracle"
+            break
     return "refiner"
 
 
