@@ -90,6 +90,11 @@ def bf16_ok(check: Dict) -> Dict:
     return {**check, "ok": bool(ok)}
 
 
+def plain_settings(params: Dict) -> Dict:
+    """The generator settings that are JSON scalars (for the result's ``settings``)."""
+    return {k: v for k, v in params.items() if isinstance(v, (int, float, str, bool))}
+
+
 def generators(model, sizes: AmgSizes, decoder_precision: Optional[str] = None):
     """Ours as the pipeline builds it (with ``decoder_precision`` instead of the pipeline's, if
     given), and the official keyword arguments both share."""
@@ -206,7 +211,7 @@ def run(model, name: str, weights: str, device: str, fast_mode: str, sizes: AmgS
     settings = {"images": n, "image_hw": [h, w], "weights": weights, "points_per_side": sizes.points_per_side,
                 "official_points_per_batch_tried": {str(p): t[1] for p, t in trials.items()},
                 "layouts": layouts,  # processes x threads -> s/image, per side
-                "ours_params": {k: v for k, v in params.items() if isinstance(v, (int, float, str, bool))}}
+                "ours_params": plain_settings(params)}
     rows = [Result(
         benchmark="pseudolabel", model=name, reference=reference,
         ours=f"sum.pseudo MaskGenerator ({params.get('decoder', '?')}, {params.get('decoder_precision', '?')} decoder), {our_layout}",
@@ -247,7 +252,7 @@ def run(model, name: str, weights: str, device: str, fast_mode: str, sizes: AmgS
                                     f"{total16['ours_matched']} of ours matched (IoU>={MATCH_IOU}), mean IoU "
                                     f"{total16['mean_iou']:.4f} (>= {BF16_MEAN_IOU}), {total16['identical']} bit-identical"},
         settings={**settings, "layouts": {"official": layouts["official"], "ours": layouts16},
-                  "ours_params": {k: v for k, v in params16.items() if isinstance(v, (int, float, str, bool))}},
+                  "ours_params": plain_settings(params16)},
         extra={"encoder_plan": dataclasses.asdict(plan), "masks": "every layout's masks against the official generator's"},
     ))
     return rows
