@@ -251,7 +251,7 @@ def test_a_whole_run(ran):
     assert read_checkpoint(root / "outputs/seeds/models/vanilla_s1.pt").meta["method"] == "vanilla"
 
 
-def test_resume_skips_finished_runs(ran, monkeypatch):
+def test_resume_skips_finished_runs(ran, monkeypatch, tmp_path):
     root, _, metrics = ran
     monkeypatch.chdir(root)
     calls = []
@@ -270,14 +270,28 @@ def test_resume_skips_finished_runs(ran, monkeypatch):
     assert calls == []
     again = json.loads((root / "metrics/seeds.json").read_text())
     assert again["protocols"] == metrics["protocols"]
-    # a run without its record (killed before it was written) is trained again, alone, and the
-    # evaluation, whose checkpoint changed, runs again
-    evaluations = []
-    monkeypatch.setattr(seeds_mod, "run_evaluate", lambda cfg: evaluations.append(cfg) or real_evaluate(cfg))
+    # a run without its record (killed before it was written) is trained again, alone; training
+    # is deterministic, so its checkpoint has the same bytes and the evaluation still holds
+    ckpt = root / "outputs/seeds/models/hq_only_s1.pt"
+    before = ckpt.read_bytes()
     (root / "outputs/seeds/models/hq_only_s1.json").unlink()
     assert main(["seeds"]) == 0
-    assert calls == [("hq_only", 1)] and len(evaluations) == 1
+    assert calls == [("hq_only", 1)] and ckpt.read_bytes() == before
     assert json.loads((root / "metrics/seeds.json").read_text())["protocols"] == metrics["protocols"]
+    # in a copy (the module's run stays as it was): a checkpoint whose bytes changed, its record
+    # intact, is not trained again but evaluated again
+    copy = tmp_path / "project"
+    shutil.copytree(root, copy)
+    monkeypatch.chdir(copy)
+    evaluations = []
+    monkeypatch.setattr(seeds_mod, "run_evaluate", lambda cfg: evaluations.append(cfg) or real_evaluate(cfg))
+    ckpt = copy / "outputs/seeds/models/hq_only_s1.pt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    name = next(k for k, v in state["state_dict"].items() if torch.is_floating_point(v))
+    state["state_dict"][name] = state["state_dict"][name] + 1e-3
+    torch.save(state, ckpt)
+    assert main(["seeds"]) == 0
+    assert calls == [("hq_only", 1)] and len(evaluations) == 1
 
 
 def test_an_unknown_method_is_one_line_naming_seeds_methods(base, tmp_path, monkeypatch, capsys):

@@ -309,6 +309,11 @@ def test_a_run_on_new_inputs_starts_afresh(world, embeddings, tmp_path):
     again = tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings)
     assert again["resumed_from_step"] == 2
 
+    shard.write_text('{"masks": 1}')  # the same bytes rewritten later (dvc checkout): still resumed
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    rewritten = tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings)
+    assert rewritten["resumed_from_step"] == 2
+
     shard.write_text('{"masks": 2}')  # new pseudo labels
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
     fresh = tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings)

@@ -12,7 +12,9 @@ with the defaults, past the pipeline's budget; the README says how to run it). W
    key, time and metrics) written last. A method ``<m>@<label>`` is method ``<m>`` fine-tuned
    on the uncertainty maps of ``seeds.uncertainty_variants[label]`` (``train.uncertainty_dir``):
    the dose-response of ``params/seeds/dose.yaml``, the same method on maps of growing quality. A checkpoint whose record holds the key of this config
-   (`run_key`: the fine-tune's resume key, iterations included) is reused, not trained again.
+   (`run_key`: the fine-tune's resume key, iterations included: config, method and the bytes of
+   its inputs) is reused, not trained again; inputs rewritten with the same bytes (``dvc
+   checkout``, a ``dvc repro`` whose outputs did not change) keep the key.
 2. **One evaluation** (`seeds_eval_config`): `sum.eval.evaluate.run_evaluate` of the foundation
    model and every checkpoint on ``eval``'s benchmarks and settings, with the protocols of
    ``seeds.protocols``, no ``@tp0`` / ``@piou`` columns, no panels and no comparison of its own,

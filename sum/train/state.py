@@ -5,10 +5,10 @@ when SIGTERM/SIGINT arrives (the step in flight finishes first), atomically: mod
 scheduler, step, loss history, RNG states, the MLflow run id. A later call resumes from it
 automatically, exactly: batches and prompts are functions of the step. A state made under another
 config (anything but the iteration count, checkpoint cadence and paths) or on other inputs (pseudo
-labels, uncertainty maps, embeddings, datasets, checkpoint: their file sizes and times,
-`input_fingerprint`) is not resumed: training starts afresh. A state file that does not read
-(truncated, corrupt) is moved aside to ``train_state.pt.corrupt-<time>`` with one warning line
-naming both, and training starts afresh.
+labels, uncertainty maps, embeddings, datasets, checkpoint: their bytes,
+`sum.train.fingerprint.input_fingerprint`) is not resumed: training starts afresh. A state file
+that does not read (truncated, corrupt) is moved aside to ``train_state.pt.corrupt-<time>`` with
+one warning line naming both, and training starts afresh.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from sum.io import atomic_torch_save, check_format
+from sum.train.fingerprint import input_fingerprint
 from sum.progress import StageStopped, signal_name
 
 log = logging.getLogger(__name__)
@@ -113,24 +114,6 @@ def input_paths(cfg, method) -> List[str]:
         if t.mode == "decoder":
             paths.append(str(Path(cfg.embed.out_dir) / name))
     return [p for p in paths if p]
-
-
-def input_fingerprint(paths: Sequence[str]) -> str:
-    """sha256 of (path, size, mtime) of every file under ``paths`` (files or folders; a missing or
-    remote path counts by its name). Like DVC's own change check, it reads no file contents: a
-    new pseudo-labeling, uncertainty map, embedding or checkpoint changes it, an unchanged tree
-    (a killed run started again) does not."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(f"{p}\0".encode())
-        root = Path(p)
-        if "://" in p or not root.exists():
-            continue
-        files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
-        for f in files:
-            st = f.stat()
-            h.update(f"{f.relative_to(root) if f != root else ''}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 def resume_key(cfg, method) -> str:
