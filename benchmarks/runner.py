@@ -114,3 +114,9 @@ def print_table(results: Sequence[Result]) -> None:
             line += (f"; with torch.compile {seconds(c['s'])} per batch ({c['speedup_vs_ours']:.2f}x ours, first call "
                      f"{seconds(c['first_call_s'])}, rel. error {c['rel_error']:.1e})")
         print(line)
+    for r in (r for r in results if r.benchmark == "interactive" and "fp32_matmul_gflops" in r.extra):
+        e = r.extra
+        print(f"interactive {r.model}: {e['gflop_per_image_reference']:.4g} vs {e['gflop_per_image_ours']:.4g} GFLOP/image, "
+              f"{e['reference_gflops']:.3g} vs {e['ours_gflops']:.3g} GFLOP/s; an fp32 matmul of the decoder's shape "
+              f"{e['fp32_matmul_gflops']:.3g} GFLOP/s ({100 * e['ours_fraction_of_matmul']:.0f}% of it); "
+              f"all of ours at that rate: {e['ratio_if_all_at_matmul_rate']:.2f}x")

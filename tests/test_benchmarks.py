@@ -94,6 +94,29 @@ def test_reference_clicks_equal_run_protocol_and_a_difference_fails_the_check(ti
     assert broken.check["mean_abs_diff"] == pytest.approx(0.01)
 
 
+def test_interactive_flops_follow_the_work_done(tiny, monkeypatch):
+    """The row's FLOP figures count what each side runs: a reference that calls the predictor
+    twice per click reports twice the FLOPs per image, ours unchanged; the rates are FLOPs over
+    the timed seconds, and the matmul rate is a measured, positive figure."""
+    model, weights = tiny
+    result = interactive.run(model, "tiny", weights, "cpu", SMOKE["interactive"])
+    e = result.extra
+    assert e["gflop_per_image_reference"] > 0 and e["gflop_per_image_ours"] > 0 and e["fp32_matmul_gflops"] > 0
+    assert e["ours_gflops"] == pytest.approx(e["gflop_per_image_ours"] / result.ours_s)
+    assert e["ratio_if_all_at_matmul_rate"] == pytest.approx(
+        result.reference_s / (e["gflop_per_image_ours"] / e["fp32_matmul_gflops"]))
+    real = interactive.SamPredictor.predict
+
+    def twice(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(interactive.SamPredictor, "predict", twice)
+    doubled = interactive.run(model, "tiny", weights, "cpu", SMOKE["interactive"]).extra
+    assert doubled["gflop_per_image_reference"] == pytest.approx(2 * e["gflop_per_image_reference"])
+    assert doubled["gflop_per_image_ours"] == pytest.approx(e["gflop_per_image_ours"])
+
+
 def test_generator_masks_match_and_a_lost_mask_fails_the_check(tiny, monkeypatch):
     model, weights = tiny
     result, bf16 = pseudolabel.run(model, "tiny", weights, "cpu", "off", SMOKE["pseudolabel"])
