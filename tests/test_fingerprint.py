@@ -103,3 +103,35 @@ def test_an_unusable_cache_warns_once_and_changes_nothing(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and str(bad) in warnings[0]
     assert digests.read == 2
+
+
+def test_new_digests_are_written_in_batches(tmp_path, monkeypatch):
+    """Digests reach the cache in batches of FLUSH_ROWS (and on flush), not one transaction per
+    file; another connection sees exactly what was flushed."""
+    import sqlite3
+
+    from sum.train import fingerprint
+
+    monkeypatch.setattr(fingerprint, "FLUSH_ROWS", 2)
+    monkeypatch.setattr(fingerprint, "FLUSH_SECONDS", 3600.0)
+    files = []
+    for i in range(3):
+        f = tmp_path / f"f{i}.bin"
+        f.write_bytes(bytes([i]) * 10)
+        files.append(f)
+    cache = tmp_path / "cache.sqlite"
+    digests = FileDigests(cache)
+
+    def rows():
+        with sqlite3.connect(cache) as db:
+            return db.execute("SELECT COUNT(*) FROM digests").fetchone()[0]
+
+    assert digests.sha256(files[0]) == hashlib.sha256(bytes([0]) * 10).hexdigest()
+    assert rows() == 0
+    digests.sha256(files[1])
+    assert rows() == 2
+    digests.sha256(files[2])
+    assert rows() == 2
+    digests.flush()
+    assert rows() == 3
+    digests.close()

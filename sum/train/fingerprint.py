@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -26,12 +27,21 @@ from sum.io import sha256_file
 
 log = logging.getLogger(__name__)
 
+FLUSH_ROWS = 500  # new digests written to the cache in one transaction
+FLUSH_SECONDS = 2.0
+
+
 def default_cache_path() -> Path:
+    """``$SUM_CACHE_DIR/file_digests.sqlite``, else ``~/.cache/sum/file_digests.sqlite``."""
     return Path(os.environ.get("SUM_CACHE_DIR") or Path.home() / ".cache" / "sum") / "file_digests.sqlite"
 
 
 class FileDigests:
     """sha256 of local files, cached in SQLite by (resolved path, size, mtime_ns, inode).
+
+    New digests are written in batches (`FLUSH_ROWS`, `FLUSH_SECONDS`, and at `close`), so the
+    database is locked only while a batch is written, never while a file is read, and a pool of
+    many files is not one transaction per file.
 
     Arguments:
       cache: the SQLite file (created with its folder); None for `default_cache_path`.
@@ -41,6 +51,8 @@ class FileDigests:
         self.cache = Path(cache) if cache is not None else default_cache_path()
         self._db: Optional[sqlite3.Connection] = None
         self._broken = False
+        self._pending: list = []
+        self._flushed = time.monotonic()
         self.read = 0  # files whose bytes were read by this instance (the rest came from the cache)
 
     def _connect(self) -> Optional[sqlite3.Connection]:
@@ -79,16 +91,26 @@ class FileDigests:
                 self._cache_failed(e)
         digest = sha256_file(path)
         self.read += 1
-        db = self._db
-        if db is not None:
-            try:
-                db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?)", (str(path), *stat, digest))
-                db.commit()
-            except sqlite3.Error as e:
-                self._cache_failed(e)
+        if self._db is not None:
+            self._pending.append((str(path), *stat, digest))
+            if len(self._pending) >= FLUSH_ROWS or time.monotonic() - self._flushed >= FLUSH_SECONDS:
+                self.flush()
         return digest
 
+    def flush(self) -> None:
+        """Write the digests computed since the last flush to the cache."""
+        if self._db is not None and self._pending:
+            try:
+                with self._db:  # one transaction
+                    self._db.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?)", self._pending)
+            except sqlite3.Error as e:
+                self._cache_failed(e)
+        self._pending = []
+        self._flushed = time.monotonic()
+
     def close(self) -> None:
+        """Flush, then close the database."""
+        self.flush()
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -119,4 +141,6 @@ def input_fingerprint(paths: Sequence[str], digests: Optional[FileDigests] = Non
     finally:
         if own:
             digests.close()
+        else:  # the caller's cache: its new digests written now
+            digests.flush()
     return h.hexdigest()

@@ -22,14 +22,14 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from sum.io import atomic_torch_save, check_format
-from sum.train.fingerprint import input_fingerprint
 from sum.progress import StageStopped, signal_name
+from sum.train.fingerprint import input_fingerprint
 
 log = logging.getLogger(__name__)
 
