@@ -245,7 +245,7 @@ def test_a_corrupt_train_state_is_named_and_set_aside(tmp_path, caplog):
     optimizer = torch.optim.SGD(sam.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     with caplog.at_level(logging.WARNING, logger="sum.train.state"):
-        assert load_train_state(path, "key", sam=sam, optimizer=optimizer, scheduler=scheduler) == (0, [], None)
+        assert load_train_state(path, "key", sam=sam, optimizer=optimizer, scheduler=scheduler) == (0, [], None, 0.0)
     aside = list(path.parent.glob("train_state.pt.corrupt-*"))
     assert not path.exists() and len(aside) == 1 and aside[0].read_bytes() == b"PK\x03\x04 truncated zip"
     lines = [r.getMessage() for r in caplog.records]

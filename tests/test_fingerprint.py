@@ -135,3 +135,28 @@ def test_new_digests_are_written_in_batches(tmp_path, monkeypatch):
     digests.flush()
     assert rows() == 3
     digests.close()
+
+
+def test_code_fingerprint_follows_python_sources_only(tmp_path):
+    from sum.train.fingerprint import code_fingerprint
+
+    root = tmp_path / "pkg"
+    for name in ("train", "model"):
+        (root / name / "__pycache__").mkdir(parents=True)
+        (root / name / "a.py").write_text(f"X = '{name}'\n")
+    (root / "eval").mkdir()
+    (root / "eval" / "b.py").write_text("Y = 1\n")
+    first = code_fingerprint(("train", "model"), root)
+    assert first == code_fingerprint(("train", "model"), root)
+    (root / "train" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"compiled")  # not source
+    (root / "train" / "notes.md").write_text("docs")
+    (root / "eval" / "b.py").write_text("Y = 2\n")  # a package not listed
+    code_fingerprint.cache_clear()
+    assert code_fingerprint(("train", "model"), root) == first
+    (root / "model" / "a.py").write_text("X = 'changed'\n")
+    code_fingerprint.cache_clear()
+    assert code_fingerprint(("train", "model"), root) != first
+    (root / "model" / "a.py").write_text("X = 'model'\n")
+    (root / "train" / "c.py").write_text("")  # a new, empty module
+    code_fingerprint.cache_clear()
+    assert code_fingerprint(("train", "model"), root) != first

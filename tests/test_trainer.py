@@ -279,6 +279,39 @@ def test_sigterm_saves_and_resume_is_exact(world, embeddings, tmp_path):
     assert other["resumed_from_step"] == 0
 
 
+def test_a_finished_run_resumed_reports_its_own_throughput(world, embeddings, tmp_path):
+    """Re-running a finished run (dvc repro after a change that left config, inputs and code as
+    they were) re-saves it and reports the throughput it was trained with, not a zero-length
+    call's; a state that did not record its time gives no rate rather than a wrong one."""
+    cfg = make_cfg(tmp_path, iterations=2)
+    first = tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings)
+    assert first["resumed_from_step"] == 0 and first["train_s"] == pytest.approx(first["wall_s"])
+    again = tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings)
+    assert again["resumed_from_step"] == 2 and again["wall_s"] < first["wall_s"]
+    assert again["samples_per_s"] == pytest.approx(first["samples_per_s"], rel=0.25)
+    assert again["steps_per_s"] == pytest.approx(first["steps_per_s"], rel=0.25)
+    assert again["train_s"] == pytest.approx(first["train_s"], rel=0.25)
+    state_path = tmp_path / "runs" / "finetune" / "sum" / "train_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    del state["train_s"]  # a state written before the time was recorded
+    torch.save(state, state_path)
+    old = tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings)
+    assert old["resumed_from_step"] == 2 and old["samples_per_s"] is None and old["train_s"] is None
+
+
+def test_a_finished_run_of_other_code_is_trained_again(world, embeddings, tmp_path, monkeypatch):
+    """The resume key holds the training code: after a code change (``dvc repro`` reruns the
+    stage) the run trains afresh instead of re-saving the old weights."""
+    import sum.train.state as state_mod
+
+    cfg = make_cfg(tmp_path, iterations=2)
+    assert tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings)["resumed_from_step"] == 0
+    assert tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings)["resumed_from_step"] == 2
+    monkeypatch.setattr(state_mod, "code_fingerprint", lambda: "other code")
+    fresh = tr.finetune(cfg, pools=pools_of(world), embeddings=embeddings)
+    assert fresh["resumed_from_step"] == 0 and fresh["steps"] == 2
+
+
 def test_a_run_on_new_inputs_starts_afresh(world, embeddings, tmp_path):
     """The resume key covers the inputs: re-running a finished run on the same files resumes it
     (nothing left to train), but after the pseudo labels change (a new ``pseudolabel`` stage

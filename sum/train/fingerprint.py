@@ -20,6 +20,7 @@ import logging
 import os
 import sqlite3
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -143,4 +144,23 @@ def input_fingerprint(paths: Sequence[str], digests: Optional[FileDigests] = Non
             digests.close()
         else:  # the caller's cache: its new digests written now
             digests.flush()
+    return h.hexdigest()
+
+
+# what a fine-tune's result depends on besides its config and inputs: the packages dvc.yaml lists
+# as the finetune stage's code
+TRAINING_CODE = ("data", "model", "pseudo", "train")
+
+
+@lru_cache(maxsize=None)
+def code_fingerprint(packages: Sequence[str] = TRAINING_CODE, root: Optional[Path] = None) -> str:
+    """sha256 over the ``.py`` sources (relative path and bytes, sorted) of the subpackages
+    ``packages`` of ``root`` (default: the ``sum`` package as installed): a finished run of other
+    code is not resumed or reused, as ``dvc repro`` reruns a stage whose code changed. Computed
+    once per process and arguments."""
+    root = Path(__file__).resolve().parent.parent if root is None else Path(root)
+    h = hashlib.sha256()
+    for name in packages:
+        for f in sorted((root / name).rglob("*.py")):
+            h.update(f"{f.relative_to(root).as_posix()}\0{hashlib.sha256(f.read_bytes()).hexdigest()}\n".encode())
     return h.hexdigest()

@@ -4,9 +4,11 @@
 when SIGTERM/SIGINT arrives (the step in flight finishes first), atomically: model, optimizer,
 scheduler, step, loss history, RNG states, the MLflow run id. A later call resumes from it
 automatically, exactly: batches and prompts are functions of the step. A state made under another
-config (anything but the iteration count, checkpoint cadence and paths) or on other inputs (pseudo
+config (anything but the iteration count, checkpoint cadence and paths), on other inputs (pseudo
 labels, uncertainty maps, embeddings, datasets, checkpoint: their bytes,
-`sum.train.fingerprint.input_fingerprint`) is not resumed: training starts afresh. A state file
+`sum.train.fingerprint.input_fingerprint`) or by other training code (`code_fingerprint`) is not
+resumed: training starts afresh. The state also keeps the run's training seconds so far, so a
+resumed run reports its throughput over all its steps. A state file
 that does not read (truncated, corrupt) is moved aside to ``train_state.pt.corrupt-<time>`` with
 one warning line naming both, and training starts afresh.
 """
@@ -29,7 +31,7 @@ import torch
 
 from sum.io import atomic_torch_save, check_format
 from sum.progress import StageStopped, signal_name
-from sum.train.fingerprint import input_fingerprint
+from sum.train.fingerprint import code_fingerprint, input_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +120,9 @@ def input_paths(cfg, method) -> List[str]:
 
 def resume_key(cfg, method) -> str:
     """sha256 of everything a resumed run must share with the saved one (module docstring): the
-    config but the iteration count, cadence and output paths, and the inputs (`input_fingerprint`
-    of `input_paths`), so that a stage re-run on new pseudo labels trains afresh instead of
-    resuming the finished run."""
+    config but the iteration count, cadence and output paths, the inputs (`input_fingerprint` of
+    `input_paths`) and the training code (`code_fingerprint`), so that a stage re-run on new
+    pseudo labels or new code trains afresh instead of resuming the finished run."""
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _NOT_IN_KEY}
     model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("device", "fast_path")}
     text = json.dumps(
@@ -129,6 +131,7 @@ def resume_key(cfg, method) -> str:
             "model": model,
             "method": dataclasses.asdict(method),
             "inputs": input_fingerprint(input_paths(cfg, method)),
+            "code": code_fingerprint(),
         },
         sort_keys=True,
         default=str,
@@ -152,8 +155,10 @@ def set_aside(path: Path) -> Path:
     return dest
 
 
-def save_train_state(path: Path, *, sam, optimizer, scheduler, step: int, key: str, history: List[float], run_id) -> None:
-    """The resumable state, atomically (module docstring)."""
+def save_train_state(path: Path, *, sam, optimizer, scheduler, step: int, key: str, history: List[float], run_id,
+                     train_s: Optional[float] = None) -> None:
+    """The resumable state, atomically (module docstring); ``train_s``: the seconds the run has
+    trained for up to ``step``, over every call (None: unknown)."""
     state = {
         "format": STATE_FORMAT,
         "key": key,
@@ -164,32 +169,35 @@ def save_train_state(path: Path, *, sam, optimizer, scheduler, step: int, key: s
         "rng": rng_state(),
         "history": list(history),
         "mlflow_run_id": run_id,
+        "train_s": train_s,
     }
     atomic_torch_save(state, path)
     log.info("saved training state %s (step %d)", path, step)
 
 
-def load_train_state(path: Path, key: str, *, sam, optimizer, scheduler) -> Tuple[int, List[float], Optional[str]]:
-    """Resume from ``path`` if it holds a state of this config: (step, loss history, MLflow run id);
-    (0, [], None) otherwise. A file that does not read as a training state (truncated, corrupt,
-    another format) is moved aside (`set_aside`) and training starts afresh."""
+def load_train_state(path: Path, key: str, *, sam, optimizer, scheduler) -> Tuple[int, List[float], Optional[str], Optional[float]]:
+    """Resume from ``path`` if it holds a state of this config: (step, loss history, MLflow run id,
+    training seconds so far: None when the state did not record them); (0, [], None, 0.0)
+    otherwise. A file that does not read as a training state (truncated, corrupt, another format)
+    is moved aside (`set_aside`) and training starts afresh."""
     if not path.is_file():
-        return 0, [], None
+        return 0, [], None, 0.0
     try:
         state = check_format(torch.load(path, map_location="cpu", weights_only=True), STATE_FORMAT, path, "a SUM training state")
     except FileNotFoundError:  # another rank moved it aside first
-        return 0, [], None
+        return 0, [], None, 0.0
     except Exception as e:  # torch.load raises RuntimeError, pickle and zip errors alike for a bad file
         moved = set_aside(path)
         log.warning("%s: unreadable training state (%s): moved to %s; training starts afresh",
                     path, str(e).splitlines()[0] if str(e) else type(e).__name__, moved.name)
-        return 0, [], None
+        return 0, [], None, 0.0
     if state["key"] != key:
         log.warning("%s: saved under another config or on other inputs; training starts afresh", path)
-        return 0, [], None
+        return 0, [], None, 0.0
     sam.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     log.info("resumed from %s at step %d", path, state["step"])
-    return int(state["step"]), list(state["history"]), state.get("mlflow_run_id")
+    train_s = state.get("train_s")
+    return int(state["step"]), list(state["history"]), state.get("mlflow_run_id"), None if train_s is None else float(train_s)

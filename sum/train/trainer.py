@@ -138,11 +138,14 @@ class TrainRun:
     history: List[float]  # loss per step so far
     tracker: Any
     n_unlabeled: int  # unlabeled slots of the global batch
+    train_s: Optional[float]  # seconds the steps before `step` took, over earlier calls (None: unknown)
 
-    def save_state(self, step: int, history: List[float]) -> None:
-        """The resumable state after ``step`` (`save_train_state`)."""
+    def save_state(self, step: int, history: List[float], seconds: float) -> None:
+        """The resumable state after ``step`` (`save_train_state`); ``seconds``: this call's
+        training time so far."""
         save_train_state(self.paths.state, sam=self.sam, optimizer=self.optimizer, scheduler=self.scheduler,
-                         step=step, key=self.key, history=history, run_id=self.tracker.run_id)
+                         step=step, key=self.key, history=history, run_id=self.tracker.run_id,
+                         train_s=None if self.train_s is None else self.train_s + seconds)
 
 
 def setup_run(cfg, method_name: Optional[str], pools: Optional[Dict[str, Pool]], embeddings) -> TrainRun:
@@ -184,7 +187,7 @@ def setup_run(cfg, method_name: Optional[str], pools: Optional[Dict[str, Pool]],
     )
     scheduler = build_scheduler(optimizer, t.warmup_iters)
     key = resume_key(cfg, method)
-    step, history, run_id = load_train_state(paths.state, key, sam=sam, optimizer=optimizer, scheduler=scheduler)
+    step, history, run_id, train_s = load_train_state(paths.state, key, sam=sam, optimizer=optimizer, scheduler=scheduler)
     tracker = start_tracking(cfg, method, info, run_id)
     train_step = TrainStep(
         sam, optimizer, pools, embeddings, schedule, opts, forward_autocast(t.precision, info.device, t.mode), info,
@@ -192,7 +195,8 @@ def setup_run(cfg, method_name: Optional[str], pools: Optional[Dict[str, Pool]],
         max_masks=t.max_masks, grad_clip=t.grad_clip, iterations=t.iterations,
         loader_workers=loader_workers(t.loader_workers, info.device),
     )
-    return TrainRun(method, info, paths, sam, optimizer, scheduler, train_step, key, step, history, tracker, n_unlabeled)
+    return TrainRun(method, info, paths, sam, optimizer, scheduler, train_step, key, step, history, tracker, n_unlabeled,
+                    train_s)
 
 
 def finetune(
@@ -251,7 +255,7 @@ def finetune(
             if on_step is not None:
                 on_step(step, metrics)
             if info.rank == 0 and (stopping or step % t.checkpoint_every == 0 or step == t.iterations):
-                run.save_state(step, history)
+                run.save_state(step, history, time.perf_counter() - t0)
                 saved_step = step
             if stopping:
                 status = "KILLED"
@@ -260,7 +264,7 @@ def finetune(
     except (Exception, KeyboardInterrupt) as e:
         # on any other way out, keep the last complete step (not one torn by an update in flight)
         if info.rank == 0 and not isinstance(e, TrainingStopped) and not updating and step > saved_step:
-            run.save_state(step, history)
+            run.save_state(step, history, time.perf_counter() - t0)
         if isinstance(e, KeyboardInterrupt):
             status = "KILLED"
         raise
@@ -283,8 +287,17 @@ def unlabeled_epochs(run: TrainRun, step: int) -> float:
 
 
 def summarize(run: TrainRun, t, step: int, images_done: int, wall: float) -> Dict:
-    """The run's metrics JSON: steps, losses, mixing and throughput."""
+    """The run's metrics JSON: steps, losses, mixing and throughput. ``wall_s`` is this call's;
+    ``train_s`` and the rates cover every step of the run, resumed calls included (a finished run
+    resumed reports the figures it was trained with), or, when a resumed state did not record its
+    time (``train_s`` None), this call's steps only."""
     history, start_step = run.history, run.step
+    train_s = None if run.train_s is None else run.train_s + wall
+    if train_s is not None and step > 0 and train_s > 0:
+        samples_per_s, steps_per_s = step * t.batch_size / train_s, step / train_s
+    else:
+        samples_per_s = images_done / wall if images_done else None
+        steps_per_s = (step - start_step) / wall if step > start_step else None
     return {
         "method": run.method.name,
         "mode": t.mode,
@@ -295,9 +308,10 @@ def summarize(run: TrainRun, t, step: int, images_done: int, wall: float) -> Dic
         "images_per_step": t.batch_size,
         "labeled_per_step": run.train_step.n_labeled,
         "unlabeled_per_step": run.n_unlabeled,
-        "samples_per_s": images_done / wall if images_done else None,
-        "steps_per_s": (step - start_step) / wall if step > start_step else None,
+        "samples_per_s": samples_per_s,
+        "steps_per_s": steps_per_s,
         "wall_s": wall,
+        "train_s": train_s,
         "world_size": run.info.world_size,
         "unlabeled_epochs": unlabeled_epochs(run, step),
     }
