@@ -162,5 +162,5 @@ def code_fingerprint(packages: Sequence[str] = TRAINING_CODE, root: Optional[Pat
     h = hashlib.sha256()
     for name in packages:
         for f in sorted((root / name).rglob("*.py")):
-            h.update(f"{f.relative_to(root).as_posix()}\0{hashlib.sha256(f.read_bytes()).hexdigest()}\n".encode())
+            h.update(f"{f.relative_to(root).as_posix()}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()

@@ -8,9 +8,9 @@ config (anything but the iteration count, checkpoint cadence and paths), on othe
 labels, uncertainty maps, embeddings, datasets, checkpoint: their bytes,
 `sum.train.fingerprint.input_fingerprint`) or by other training code (`code_fingerprint`) is not
 resumed: training starts afresh. The state also keeps the run's training seconds so far, so a
-resumed run reports its throughput over all its steps. A state file
-that does not read (truncated, corrupt) is moved aside to ``train_state.pt.corrupt-<time>`` with
-one warning line naming both, and training starts afresh.
+resumed run reports its throughput over all its steps. A state file that does not read
+(truncated, corrupt) is moved aside to ``train_state.pt.corrupt-<time>`` with one warning line
+naming both, and training starts afresh.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def load_train_state(path: Path, key: str, *, sam, optimizer, scheduler) -> Tupl
                     path, str(e).splitlines()[0] if str(e) else type(e).__name__, moved.name)
         return 0, [], None, 0.0
     if state["key"] != key:
-        log.warning("%s: saved under another config or on other inputs; training starts afresh", path)
+        log.warning("%s: saved under another config, on other inputs or by other code; training starts afresh", path)
         return 0, [], None, 0.0
     sam.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
